@@ -1,0 +1,138 @@
+// The Adagrad element update, written once. Included by kernel_{base,avx2,avx512}.cpp after
+// each selects its ISA with `#pragma GCC target`; the compiler vectorizes the loop for that ISA.
+// Everything here has internal linkage and uses builtins, not std:: templates, so no function
+// compiled for AVX-512 can be merged by the linker into the code path of an older CPU.
+// The build passes -ffp-contract=off (no FMA unless written) and -fno-math-errno (lets sqrt
+// vectorize).
+
+// Included after `kernel.h` and <cstdint>, <cstring> by the including file, before its pragma.
+namespace fused_adagrad::cpu::KERNEL_NAMESPACE {
+namespace {
+
+// ATen's Vectorized<T>::fmadd is a fused multiply-add on AVX2/AVX-512 and a*b+c (two roundings)
+// on the portable build. torch's addcmul_ and add(alpha=) use it, so we use it at the same
+// places and stay bitwise equal to torch.optim.Adagrad(foreach=False) on every kind of CPU.
+#if KERNEL_HAS_FMA
+inline float fmadd(float a, float b, float c) { return __builtin_fmaf(a, b, c); }
+inline double fmadd(double a, double b, double c) { return __builtin_fma(a, b, c); }
+#else
+inline float fmadd(float a, float b, float c) { return a * b + c; }
+inline double fmadd(double a, double b, double c) { return a * b + c; }
+#endif
+inline float sqrt_(float x) { return __builtin_sqrtf(x); }
+inline double sqrt_(double x) { return __builtin_sqrt(x); }
+
+// Storage type S <-> math type M. Half and bfloat16 compute in float and round only on store.
+struct F32 {
+  using S = float;
+  using M = float;
+  static M load(S x) { return x; }
+  static S store(M x) { return x; }
+};
+struct F64 {
+  using S = double;
+  using M = double;
+  static M load(S x) { return x; }
+  static S store(M x) { return x; }
+};
+struct F16 {
+  using S = _Float16;  // IEEE binary16, bit-compatible with c10::Half
+  using M = float;
+  static M load(S x) { return static_cast<float>(x); }
+  static S store(M x) { return static_cast<_Float16>(x); }
+};
+struct BF16 {
+  using S = uint16_t;  // bit pattern of c10::BFloat16
+  using M = float;
+  static M load(S x) {
+    uint32_t bits = static_cast<uint32_t>(x) << 16;
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    return f;
+  }
+  // Round to nearest even, NaN to the canonical quiet NaN: c10::BFloat16's rounding.
+  static S store(M f) {
+    uint32_t bits;
+    std::memcpy(&bits, &f, sizeof bits);
+    uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+    return f != f ? uint16_t{0x7fc0} : static_cast<uint16_t>(rounded);
+  }
+};
+
+// The order of operations is torch's single-tensor path:
+//   g = maximize ? -grad : grad;  g = g + wd * p  (fmadd);  sum = sum + g * g  (fmadd);
+//   std = sqrt(sum) + eps;  p = p + ((-clr) * g) / std.
+template <typename T, bool kMaximize, bool kWeightDecay, bool kEpsInsideSqrt>
+void update_run(typename T::S* __restrict param, const typename T::S* __restrict grad,
+                typename T::S* __restrict sum, int64_t n, typename T::M neg_clr,
+                typename T::M weight_decay, typename T::M eps) {
+  using M = typename T::M;
+  for (int64_t i = 0; i < n; ++i) {
+    M g = T::load(grad[i]);
+    if constexpr (kMaximize) g = -g;
+    M p = T::load(param[i]);
+    if constexpr (kWeightDecay) g = fmadd(p, weight_decay, g);
+    M s = fmadd(g, g, T::load(sum[i]));
+    M denom;
+    if constexpr (kEpsInsideSqrt) {
+      denom = sqrt_(s + eps);
+    } else {
+      denom = sqrt_(s) + eps;
+    }
+    sum[i] = T::store(s);
+    param[i] = T::store(p + (neg_clr * g) / denom);
+  }
+}
+
+template <typename T>
+void update_slice(const Update& u, const Slice& slice, int64_t offset, int64_t n) {
+  using S = typename T::S;
+  using M = typename T::M;
+  auto* p = static_cast<S*>(slice.param) + offset;
+  auto* g = static_cast<const S*>(slice.grad) + offset;
+  auto* s = static_cast<S*>(slice.sum) + offset;
+  const M neg_clr = static_cast<M>(slice.neg_clr);
+  const M wd = static_cast<M>(u.weight_decay);
+  const M eps = static_cast<M>(u.eps);
+  const bool wd_on = u.weight_decay != 0;  // torch skips the term entirely at 0 (-0.0, inf*0)
+  const int variant = (u.maximize ? 4 : 0) | (wd_on ? 2 : 0) | (u.eps_inside_sqrt ? 1 : 0);
+  switch (variant) {
+    case 0: return update_run<T, false, false, false>(p, g, s, n, neg_clr, wd, eps);
+    case 1: return update_run<T, false, false, true>(p, g, s, n, neg_clr, wd, eps);
+    case 2: return update_run<T, false, true, false>(p, g, s, n, neg_clr, wd, eps);
+    case 3: return update_run<T, false, true, true>(p, g, s, n, neg_clr, wd, eps);
+    case 4: return update_run<T, true, false, false>(p, g, s, n, neg_clr, wd, eps);
+    case 5: return update_run<T, true, false, true>(p, g, s, n, neg_clr, wd, eps);
+    case 6: return update_run<T, true, true, false>(p, g, s, n, neg_clr, wd, eps);
+    default: return update_run<T, true, true, true>(p, g, s, n, neg_clr, wd, eps);
+  }
+}
+
+template <typename T>
+void update_range_typed(const Update& u, int64_t begin, int64_t end) {
+  // Binary search for the first slice that ends after `begin`.
+  int64_t lo = 0, hi = u.count;
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (u.ends[mid] <= begin) lo = mid + 1; else hi = mid;
+  }
+  for (int64_t k = lo; k < u.count && begin < end; ++k) {
+    const int64_t start = k == 0 ? 0 : u.ends[k - 1];
+    const int64_t stop = end < u.ends[k] ? end : u.ends[k];
+    update_slice<T>(u, u.slices[k], begin - start, stop - begin);
+    begin = stop;
+  }
+}
+
+}  // namespace
+
+void update_range(const Update& u, int64_t begin, int64_t end) {
+  switch (u.dtype) {
+    case Dtype::Float: return update_range_typed<F32>(u, begin, end);
+    case Dtype::Double: return update_range_typed<F64>(u, begin, end);
+    case Dtype::Half: return update_range_typed<F16>(u, begin, end);
+    case Dtype::BFloat16: return update_range_typed<BF16>(u, begin, end);
+  }
+}
+
+}  // namespace fused_adagrad::cpu::KERNEL_NAMESPACE

@@ -1,0 +1,102 @@
+// Public C++ API of fused-adagrad: a drop-in for torch::optim::Adagrad whose step is one fused
+// pass over param, grad and the squared-gradient sum, plus direct access to the op it runs.
+#pragma once
+
+#include <torch/optim/optimizer.h>
+#include <torch/optim/serialize.h>
+#include <torch/serialize/archive.h>
+#include <torch/types.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#define FUSED_ADAGRAD_VERSION "0.1.0"
+
+namespace fused_adagrad {
+
+struct TORCH_API FusedAdagradOptions
+    : public torch::optim::OptimizerCloneableOptions<FusedAdagradOptions> {
+  FusedAdagradOptions(double lr = 1e-2);
+  TORCH_ARG(double, lr) = 1e-2;
+  TORCH_ARG(double, lr_decay) = 0;
+  TORCH_ARG(double, weight_decay) = 0;
+  TORCH_ARG(double, initial_accumulator_value) = 0;
+  TORCH_ARG(double, eps) = 1e-10;
+  TORCH_ARG(bool, maximize) = false;
+  // p -= clr * g / sqrt(sum + eps) (Keras 3, Optax, d2l) instead of clr * g / (sqrt(sum) + eps).
+  TORCH_ARG(bool, eps_inside_sqrt) = false;
+
+ public:
+  void serialize(torch::serialize::InputArchive& archive) override;
+  void serialize(torch::serialize::OutputArchive& archive) const override;
+  TORCH_API friend bool operator==(const FusedAdagradOptions& lhs, const FusedAdagradOptions& rhs);
+  double get_lr() const override;
+  void set_lr(const double lr) override;
+};
+
+// Same layout as the Python optimizer's state: `step` is a one-element float32 tensor (on the
+// param's device for CUDA params), so the step can be captured in a CUDA graph.
+struct TORCH_API FusedAdagradParamState
+    : public torch::optim::OptimizerCloneableParamState<FusedAdagradParamState> {
+  TORCH_ARG(torch::Tensor, sum);
+  TORCH_ARG(torch::Tensor, step);
+
+ public:
+  void serialize(torch::serialize::InputArchive& archive) override;
+  void serialize(torch::serialize::OutputArchive& archive) const override;
+  TORCH_API friend bool operator==(const FusedAdagradParamState& lhs,
+                                   const FusedAdagradParamState& rhs);
+};
+
+class TORCH_API FusedAdagrad : public torch::optim::Optimizer {
+ public:
+  explicit FusedAdagrad(const std::vector<torch::optim::OptimizerParamGroup>& param_groups,
+                        FusedAdagradOptions defaults = {});
+  explicit FusedAdagrad(std::vector<torch::Tensor> params, FusedAdagradOptions defaults = {})
+      : FusedAdagrad({torch::optim::OptimizerParamGroup(std::move(params))}, std::move(defaults)) {}
+
+  // Validates every group before changing anything: a step that throws leaves every parameter
+  // and every state tensor as it was.
+  torch::Tensor step(LossClosure closure = nullptr) override;
+  void save(torch::serialize::OutputArchive& archive) const override;
+  void load(torch::serialize::InputArchive& archive) override;
+
+ private:
+  // Creates state for params that have none (e.g. added with add_param_group), using their own
+  // group's initial_accumulator_value.
+  FusedAdagradParamState& state_for(const torch::Tensor& p, const FusedAdagradOptions& options);
+
+  template <typename Self, typename Archive>
+  static void serialize(Self& self, Archive& archive) {
+    _TORCH_OPTIM_SERIALIZE_WITH_TEMPLATE_ARG(FusedAdagrad);
+  }
+};
+
+// The ops, called through the dispatcher (CPU, CUDA when built with it, Meta). See csrc/ops.cpp
+// for the schemas. `steps` are incremented by the op for every param that has a grad.
+TORCH_API void adagrad_step_(at::TensorList params, const c10::List<std::optional<at::Tensor>>& grads,
+                             at::TensorList sums, at::TensorList steps, double lr, double lr_decay,
+                             double weight_decay, double eps, bool maximize, bool eps_inside_sqrt,
+                             const std::optional<at::Tensor>& lr_tensor = std::nullopt);
+TORCH_API void check_adagrad_inputs(at::TensorList params,
+                                    const c10::List<std::optional<at::Tensor>>& grads,
+                                    at::TensorList sums, at::TensorList steps, double weight_decay);
+
+struct BuildInfo {
+  std::string version;
+  std::string torch_version;               // the torch this library was compiled against
+  std::vector<std::string> cpu_kernels;    // SIMD paths compiled in
+  std::string cpu_kernel;                  // the one selected on this CPU
+  bool cuda;
+};
+TORCH_API BuildInfo build_info();
+
+namespace detail {
+// Referencing a symbol of the library from every including translation unit keeps linkers that
+// drop unused shared libraries (--as-needed) from dropping ours, and with it the op registrations.
+TORCH_API int link_anchor();
+inline const auto kLinkAnchor = &link_anchor;
+}  // namespace detail
+
+}  // namespace fused_adagrad

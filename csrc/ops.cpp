@@ -1,0 +1,87 @@
+// The op schemas, their meta (shape-only) kernels, and the C++ entry points that call them
+// through the dispatcher, so C++ and Python users reach the same CPU or CUDA kernel.
+#include "fused_adagrad/fused_adagrad.h"
+#include "step_common.h"
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+#include <torch/version.h>
+
+namespace fused_adagrad {
+
+namespace cpu {
+const char* selected_kernel_name();
+std::vector<std::string> compiled_kernel_names();
+}  // namespace cpu
+
+namespace {
+
+void adagrad_step_meta(at::TensorList params, const OptionalTensorList& grads, at::TensorList sums,
+                       at::TensorList steps, double, double, double weight_decay, double, bool, bool,
+                       const std::optional<at::Tensor>&) {
+  check_inputs(params, grads, sums, steps, weight_decay);
+}
+
+void check_adagrad_inputs_impl(at::TensorList params, const OptionalTensorList& grads,
+                               at::TensorList sums, at::TensorList steps, double weight_decay) {
+  check_inputs(params, grads, sums, steps, weight_decay);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(fused_adagrad, m) {
+  // One Adagrad step for a list of params that share hyperparameters, in place. grads[i] may be
+  // None (that param is skipped and its step not incremented) or sparse COO. The op increments
+  // steps[i] and then uses it: clr = lr / (1 + (step - 1) * lr_decay), with lr_tensor (a
+  // one-element tensor) taking the place of lr when given.
+  m.def(
+      "adagrad_step_(Tensor(a!)[] params, Tensor?[] grads, Tensor(b!)[] sums, Tensor(c!)[] steps, *, "
+      "float lr, float lr_decay, float weight_decay, float eps, bool maximize, "
+      "bool eps_inside_sqrt=False, Tensor? lr_tensor=None) -> ()");
+  // The validation adagrad_step_ starts with, alone: front ends run it on every param group
+  // before stepping any, so a bad tensor in the last group leaves the first untouched.
+  m.def(
+      "check_adagrad_inputs(Tensor[] params, Tensor?[] grads, Tensor[] sums, Tensor[] steps, *, "
+      "float weight_decay) -> ()");
+  m.impl("check_adagrad_inputs", c10::DispatchKey::CompositeImplicitAutograd,
+         &check_adagrad_inputs_impl);
+}
+
+TORCH_LIBRARY_IMPL(fused_adagrad, Meta, m) { m.impl("adagrad_step_", &adagrad_step_meta); }
+
+void adagrad_step_(at::TensorList params, const OptionalTensorList& grads, at::TensorList sums,
+                   at::TensorList steps, double lr, double lr_decay, double weight_decay, double eps,
+                   bool maximize, bool eps_inside_sqrt, const std::optional<at::Tensor>& lr_tensor) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fused_adagrad::adagrad_step_", "")
+                       .typed<void(at::TensorList, const OptionalTensorList&, at::TensorList,
+                                   at::TensorList, double, double, double, double, bool, bool,
+                                   const std::optional<at::Tensor>&)>();
+  op.call(params, grads, sums, steps, lr, lr_decay, weight_decay, eps, maximize, eps_inside_sqrt,
+          lr_tensor);
+}
+
+void check_adagrad_inputs(at::TensorList params, const OptionalTensorList& grads,
+                          at::TensorList sums, at::TensorList steps, double weight_decay) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fused_adagrad::check_adagrad_inputs", "")
+                       .typed<void(at::TensorList, const OptionalTensorList&, at::TensorList,
+                                   at::TensorList, double)>();
+  op.call(params, grads, sums, steps, weight_decay);
+}
+
+BuildInfo build_info() {
+#if defined(FUSED_ADAGRAD_WITH_CUDA)
+  constexpr bool with_cuda = true;
+#else
+  constexpr bool with_cuda = false;
+#endif
+  return {FUSED_ADAGRAD_VERSION, TORCH_VERSION, cpu::compiled_kernel_names(),
+          cpu::selected_kernel_name(), with_cuda};
+}
+
+namespace detail {
+int link_anchor() { return 0; }
+}  // namespace detail
+
+}  // namespace fused_adagrad

@@ -1,0 +1,30 @@
+// What every backend of the fused_adagrad::adagrad_step_ op shares: input validation, the
+// per-parameter learning rate, and the (unfused) sparse-gradient update.
+#pragma once
+
+#include <ATen/core/List.h>
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+
+namespace fused_adagrad {
+
+using OptionalTensorList = c10::List<std::optional<at::Tensor>>;
+
+// Throws (TORCH_CHECK, RuntimeError in Python) naming the parameter index and the problem.
+// Checks only metadata, so it also runs on meta/fake tensors.
+void check_inputs(at::TensorList params, const OptionalTensorList& grads, at::TensorList sums,
+                  at::TensorList steps, double weight_decay);
+
+// -clr for one parameter, rounded exactly as torch.optim.Adagrad's single-tensor path rounds it:
+// in double for a float lr; in the lr tensor's dtype for a tensor lr (torch divides the tensor).
+double neg_clr(double lr, const std::optional<at::Tensor>& lr_tensor, double step, double lr_decay);
+
+// step += 1 on a one-element host tensor; returns the new value as torch reads it (step.item()).
+double increment_host_step(const at::Tensor& step);
+
+// torch's sparse path: coalesce, sum += g^2 on the rows present, p -= clr * g / std on them.
+void sparse_update(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& sum,
+                   double neg_clr, double eps, bool maximize, bool eps_inside_sqrt);
+
+}  // namespace fused_adagrad
