@@ -22,25 +22,24 @@ with open("python/fused_adagrad/_version.py", "w") as f:
     f.write(f'# Written by setup.py.\n__version__ = "{VERSION}"\nbuilt_with_torch = "{torch.__version__}"\n')
 
 sources = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
-with_cuda = torch.version.cuda is not None and CUDA_HOME is not None
-if with_cuda:
+macros = [("FUSED_ADAGRAD_BUILDING_LIBRARY", None)]
+compile_args = {"cxx": CXX_FLAGS}
+Extension = CppExtension
+if torch.version.cuda is not None and CUDA_HOME is not None:
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-    extension = CUDAExtension(
-        "fused_adagrad._C",
-        sources + sorted(glob.glob("cuda/*.cu")),
-        include_dirs=[os.path.abspath("csrc")],
-        define_macros=[("FUSED_ADAGRAD_WITH_CUDA", None)],
-        extra_compile_args={"cxx": CXX_FLAGS, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
-        extra_link_args=["-fopenmp"],
-    )
-else:
-    extension = CppExtension(
-        "fused_adagrad._C",
-        sources,
-        include_dirs=[os.path.abspath("csrc")],
-        extra_compile_args={"cxx": CXX_FLAGS},
-        extra_link_args=["-fopenmp"],
-    )
+    Extension = CUDAExtension
+    sources += sorted(glob.glob("cuda/*.cu"))
+    macros.append(("FUSED_ADAGRAD_WITH_CUDA", None))
+    compile_args["nvcc"] = ["-O3", "-std=c++17"]
+
+extension = Extension(
+    "fused_adagrad._C",
+    sources,
+    include_dirs=[os.path.abspath("csrc")],
+    define_macros=macros,
+    extra_compile_args=compile_args,
+    extra_link_args=["-fopenmp"],
+)
 
 setup(
     name="fused-adagrad",

@@ -2,14 +2,9 @@
 // per-parameter learning rate, and the (unfused) sparse-gradient update.
 #pragma once
 
-#include <ATen/core/List.h>
-#include <ATen/core/Tensor.h>
-
-#include <optional>
+#include "fused_adagrad/fused_adagrad.h"
 
 namespace fused_adagrad {
-
-using OptionalTensorList = c10::List<std::optional<at::Tensor>>;
 
 // Throws (TORCH_CHECK, RuntimeError in Python) naming the parameter index and the problem.
 // Checks only metadata, so it also runs on meta/fake tensors.

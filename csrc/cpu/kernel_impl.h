@@ -62,6 +62,12 @@ struct BF16 {
 // The order of operations is torch's single-tensor path:
 //   g = maximize ? -grad : grad;  g = g + wd * p  (fmadd);  sum = sum + g * g  (fmadd);
 //   std = sqrt(sum) + eps;  p = p + ((-clr) * g) / std.
+// `sum` is therefore bitwise torch's. `p` is bitwise torch's except where torch's sqrt is not
+// correctly rounded: torch.sqrt on CPU goes through MKL's vsSqrt when torch is built with MKL,
+// and on some CPUs (the AMD EPYC of our dev machine) that result is faithfully but not correctly
+// rounded (up to 0.75 ulp; 15 % of fp32 elements differ by 1 ulp from IEEE sqrt). We use the
+// IEEE sqrt, as torch's own fused=True kernel does; p then stays within 2 ulp per step of
+// torch's for-loop, and is bitwise equal to it wherever its for-loop and fused=True agree.
 template <typename T, bool kMaximize, bool kWeightDecay, bool kEpsInsideSqrt>
 void update_run(typename T::S* __restrict param, const typename T::S* __restrict grad,
                 typename T::S* __restrict sum, int64_t n, typename T::M neg_clr,

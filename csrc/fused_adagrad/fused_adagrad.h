@@ -13,9 +13,19 @@
 
 #define FUSED_ADAGRAD_VERSION "0.1.0"
 
+// Symbols of libfused_adagrad (not TORCH_API: that one imports from libtorch on Windows).
+#if defined(FUSED_ADAGRAD_BUILDING_LIBRARY)
+#define FUSED_ADAGRAD_API C10_EXPORT
+#else
+#define FUSED_ADAGRAD_API C10_IMPORT
+#endif
+
 namespace fused_adagrad {
 
-struct TORCH_API FusedAdagradOptions
+// The op's `Tensor?[] grads` argument: one entry per param, nullopt for a param without grad.
+using OptionalTensorList = c10::List<std::optional<at::Tensor>>;
+
+struct FUSED_ADAGRAD_API FusedAdagradOptions
     : public torch::optim::OptimizerCloneableOptions<FusedAdagradOptions> {
   FusedAdagradOptions(double lr = 1e-2);
   TORCH_ARG(double, lr) = 1e-2;
@@ -30,14 +40,14 @@ struct TORCH_API FusedAdagradOptions
  public:
   void serialize(torch::serialize::InputArchive& archive) override;
   void serialize(torch::serialize::OutputArchive& archive) const override;
-  TORCH_API friend bool operator==(const FusedAdagradOptions& lhs, const FusedAdagradOptions& rhs);
+  FUSED_ADAGRAD_API friend bool operator==(const FusedAdagradOptions& lhs, const FusedAdagradOptions& rhs);
   double get_lr() const override;
   void set_lr(const double lr) override;
 };
 
 // Same layout as the Python optimizer's state: `step` is a one-element float32 tensor (on the
 // param's device for CUDA params), so the step can be captured in a CUDA graph.
-struct TORCH_API FusedAdagradParamState
+struct FUSED_ADAGRAD_API FusedAdagradParamState
     : public torch::optim::OptimizerCloneableParamState<FusedAdagradParamState> {
   TORCH_ARG(torch::Tensor, sum);
   TORCH_ARG(torch::Tensor, step);
@@ -45,11 +55,11 @@ struct TORCH_API FusedAdagradParamState
  public:
   void serialize(torch::serialize::InputArchive& archive) override;
   void serialize(torch::serialize::OutputArchive& archive) const override;
-  TORCH_API friend bool operator==(const FusedAdagradParamState& lhs,
+  FUSED_ADAGRAD_API friend bool operator==(const FusedAdagradParamState& lhs,
                                    const FusedAdagradParamState& rhs);
 };
 
-class TORCH_API FusedAdagrad : public torch::optim::Optimizer {
+class FUSED_ADAGRAD_API FusedAdagrad : public torch::optim::Optimizer {
  public:
   explicit FusedAdagrad(const std::vector<torch::optim::OptimizerParamGroup>& param_groups,
                         FusedAdagradOptions defaults = {});
@@ -75,12 +85,12 @@ class TORCH_API FusedAdagrad : public torch::optim::Optimizer {
 
 // The ops, called through the dispatcher (CPU, CUDA when built with it, Meta). See csrc/ops.cpp
 // for the schemas. `steps` are incremented by the op for every param that has a grad.
-TORCH_API void adagrad_step_(at::TensorList params, const c10::List<std::optional<at::Tensor>>& grads,
+FUSED_ADAGRAD_API void adagrad_step_(at::TensorList params, const OptionalTensorList& grads,
                              at::TensorList sums, at::TensorList steps, double lr, double lr_decay,
                              double weight_decay, double eps, bool maximize, bool eps_inside_sqrt,
                              const std::optional<at::Tensor>& lr_tensor = std::nullopt);
-TORCH_API void check_adagrad_inputs(at::TensorList params,
-                                    const c10::List<std::optional<at::Tensor>>& grads,
+FUSED_ADAGRAD_API void check_adagrad_inputs(at::TensorList params,
+                                    const OptionalTensorList& grads,
                                     at::TensorList sums, at::TensorList steps, double weight_decay);
 
 struct BuildInfo {
@@ -90,12 +100,12 @@ struct BuildInfo {
   std::string cpu_kernel;                  // the one selected on this CPU
   bool cuda;
 };
-TORCH_API BuildInfo build_info();
+FUSED_ADAGRAD_API BuildInfo build_info();
 
 namespace detail {
 // Referencing a symbol of the library from every including translation unit keeps linkers that
 // drop unused shared libraries (--as-needed) from dropping ours, and with it the op registrations.
-TORCH_API int link_anchor();
+FUSED_ADAGRAD_API int link_anchor();
 inline const auto kLinkAnchor = &link_anchor;
 }  // namespace detail
 
