@@ -4,6 +4,7 @@
 #include "step_common.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 #include <torch/version.h>
 
@@ -20,6 +21,46 @@ void adagrad_step_meta(at::TensorList params, const OptionalTensorList& grads, a
                        at::TensorList steps, double, double, double weight_decay, double, bool, bool,
                        const std::optional<at::Tensor>&) {
   check_inputs(params, grads, sums, steps, weight_decay);
+}
+
+using AdagradStepFn = void(at::TensorList, const OptionalTensorList&, at::TensorList, at::TensorList,
+                           double, double, double, double, bool, bool,
+                           const std::optional<at::Tensor>&);
+
+c10::TypedOperatorHandle<AdagradStepFn> adagrad_step_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fused_adagrad::adagrad_step_", "")
+                             .typed<AdagradStepFn>();
+  return op;
+}
+
+// The step is not differentiable. Like ATen's in-place ops it refuses, in grad mode, to write a
+// tensor that requires grad, and it bumps the version counter of every tensor it writes, so a
+// backward through a value saved before the step fails loudly instead of using the new values.
+void adagrad_step_autograd(c10::DispatchKeySet keys, at::TensorList params,
+                           const OptionalTensorList& grads, at::TensorList sums,
+                           at::TensorList steps, double lr, double lr_decay, double weight_decay,
+                           double eps, bool maximize, bool eps_inside_sqrt,
+                           const std::optional<at::Tensor>& lr_tensor) {
+  const std::initializer_list<at::TensorList> written{params, sums, steps};
+  if (at::GradMode::is_enabled()) {
+    for (at::TensorList list : written) {
+      for (const at::Tensor& t : list) {
+        TORCH_CHECK(!t.requires_grad(),
+                    "fused_adagrad::adagrad_step_ writes tensors that require grad; "
+                    "call it under torch.no_grad()");
+      }
+    }
+  }
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    adagrad_step_op().redispatch(keys & c10::after_ADInplaceOrView_keyset, params, grads, sums,
+                                 steps, lr, lr_decay, weight_decay, eps, maximize,
+                                 eps_inside_sqrt, lr_tensor);
+  }
+  for (at::TensorList list : written) {
+    for (const at::Tensor& t : list) torch::autograd::impl::bump_version(t);
+  }
 }
 
 void check_adagrad_inputs_impl(at::TensorList params, const OptionalTensorList& grads,
@@ -49,15 +90,12 @@ TORCH_LIBRARY(fused_adagrad, m) {
 
 TORCH_LIBRARY_IMPL(fused_adagrad, Meta, m) { m.impl("adagrad_step_", &adagrad_step_meta); }
 
+TORCH_LIBRARY_IMPL(fused_adagrad, Autograd, m) { m.impl("adagrad_step_", &adagrad_step_autograd); }
+
 void adagrad_step_(at::TensorList params, const OptionalTensorList& grads, at::TensorList sums,
                    at::TensorList steps, double lr, double lr_decay, double weight_decay, double eps,
                    bool maximize, bool eps_inside_sqrt, const std::optional<at::Tensor>& lr_tensor) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("fused_adagrad::adagrad_step_", "")
-                       .typed<void(at::TensorList, const OptionalTensorList&, at::TensorList,
-                                   at::TensorList, double, double, double, double, bool, bool,
-                                   const std::optional<at::Tensor>&)>();
-  op.call(params, grads, sums, steps, lr, lr_decay, weight_decay, eps, maximize, eps_inside_sqrt,
+  adagrad_step_op().call(params, grads, sums, steps, lr, lr_decay, weight_decay, eps, maximize, eps_inside_sqrt,
           lr_tensor);
 }
 

@@ -1,0 +1,41 @@
+"""Shared helpers for the parity tests: an independent reference step and ulp distances.
+
+`reference_step` is torch.optim.Adagrad's single-tensor arithmetic, op for op, with one change: the
+square root is numpy's (IEEE, correctly rounded) instead of torch.sqrt, which on MKL builds goes
+through vsSqrt and is not correctly rounded on every CPU. It is what our kernel must equal bitwise.
+"""
+import numpy as np
+import torch
+
+
+def ieee_sqrt(t: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(np.sqrt(t.contiguous().numpy()))
+
+
+def reference_step(p, g, s, step, *, lr=1e-2, lr_decay=0.0, weight_decay=0.0, eps=1e-10,
+                   maximize=False, eps_inside_sqrt=False):
+    """One step on float32/float64 CPU tensors, in place. `step` is the count after the increment."""
+    if torch.is_complex(p):
+        p, g, s = torch.view_as_real(p), torch.view_as_real(g), torch.view_as_real(s)
+    g = -g if maximize else g
+    if weight_decay != 0:
+        g = g.add(p, alpha=weight_decay)
+    lr = lr.item() if torch.is_tensor(lr) else lr
+    clr = lr / (1 + (step - 1) * lr_decay)
+    s.addcmul_(g, g, value=1)
+    std = ieee_sqrt(s + eps) if eps_inside_sqrt else ieee_sqrt(s).add_(eps)
+    p.addcdiv_(g, std, value=-clr)
+
+
+def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Elementwise distance in units in the last place between two float32/float64 tensors."""
+    if a.is_complex():
+        a, b = torch.view_as_real(a), torch.view_as_real(b)
+    int_type = {torch.float32: torch.int32, torch.float64: torch.int64}[a.dtype]
+
+    def ordered(x):
+        i = x.contiguous().view(int_type).to(torch.int64)
+        sign_bit = torch.iinfo(int_type).min
+        return torch.where(i < 0, sign_bit - i, i)  # monotonic in the float value
+
+    return (ordered(a) - ordered(b)).abs()
