@@ -23,23 +23,29 @@ inline float sqrt_(float x) { return __builtin_sqrtf(x); }
 inline double sqrt_(double x) { return __builtin_sqrt(x); }
 
 // Storage type S <-> math type M. Half and bfloat16 compute in float and round only on store.
+// `hyper` is how torch (for-loop and fused alike) turns a double hyperparameter into a value of
+// the param's type: weight_decay and eps are rounded to half/bfloat16 first. With weight decay,
+// g + wd * p often cancels, so that rounding shows in the result and we must do the same.
 struct F32 {
   using S = float;
   using M = float;
   static M load(S x) { return x; }
   static S store(M x) { return x; }
+  static M hyper(double x) { return static_cast<M>(x); }
 };
 struct F64 {
   using S = double;
   using M = double;
   static M load(S x) { return x; }
   static S store(M x) { return x; }
+  static M hyper(double x) { return x; }
 };
 struct F16 {
   using S = _Float16;  // IEEE binary16, bit-compatible with c10::Half
   using M = float;
   static M load(S x) { return static_cast<float>(x); }
   static S store(M x) { return static_cast<_Float16>(x); }
+  static M hyper(double x) { return load(store(static_cast<float>(x))); }
 };
 struct BF16 {
   using S = uint16_t;  // bit pattern of c10::BFloat16
@@ -57,6 +63,7 @@ struct BF16 {
     uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
     return f != f ? uint16_t{0x7fc0} : static_cast<uint16_t>(rounded);
   }
+  static M hyper(double x) { return load(store(static_cast<float>(x))); }
 };
 
 // The order of operations is torch's single-tensor path:
@@ -98,8 +105,8 @@ void update_slice(const Update& u, const Slice& slice, int64_t offset, int64_t n
   auto* g = static_cast<const S*>(slice.grad) + offset;
   auto* s = static_cast<S*>(slice.sum) + offset;
   const M neg_clr = static_cast<M>(slice.neg_clr);
-  const M wd = static_cast<M>(u.weight_decay);
-  const M eps = static_cast<M>(u.eps);
+  const M wd = T::hyper(u.weight_decay);
+  const M eps = T::hyper(u.eps);
   const bool wd_on = u.weight_decay != 0;  // torch skips the term entirely at 0 (-0.0, inf*0)
   const int variant = (u.maximize ? 4 : 0) | (wd_on ? 2 : 0) | (u.eps_inside_sqrt ? 1 : 0);
   switch (variant) {
