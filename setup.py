@@ -30,7 +30,9 @@ if torch.version.cuda is not None and CUDA_HOME is not None:
     Extension = CUDAExtension
     sources += sorted(glob.glob("cuda/*.cu"))
     macros.append(("FUSED_ADAGRAD_WITH_CUDA", None))
-    compile_args["nvcc"] = ["-O3", "-std=c++17"]
+    # No -std: torch adds the standard its own headers need (C++17 in older releases, C++20 in
+    # 2.13), the same one it adds for the C++ files.
+    compile_args["nvcc"] = ["-O3"]
 
 extension = Extension(
     "fused_adagrad._C",

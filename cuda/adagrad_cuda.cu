@@ -1,0 +1,480 @@
+// CUDA implementation of fused_adagrad::adagrad_step_. Per device: one launch increments every
+// device-resident step, then one multi-tensor launch per dtype (more when the tensors do not
+// fit one argument table) updates param and sum in a single pass over param, grad and sum.
+// The dense path never reads a device value on the host, so it can be captured in a CUDA graph.
+#include "../csrc/step_common.h"
+#include "multi_tensor_apply.cuh"
+
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+namespace fused_adagrad::cuda {
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// Device side
+
+// Where a tensor's step count comes from: a float32 on the device (incremented by an earlier
+// launch), or, when the state keeps the step on the host, the value the host incremented.
+struct StepRef {
+  const float* device;
+  double host;
+};
+
+// The learning rate: a one-element device tensor read by the kernel, or a host number.
+// `host_is_float` marks the value of a float32 host tensor: torch then divides in float32.
+struct LearningRate {
+  const float* device_float;
+  const double* device_double;
+  double host;
+  bool host_is_float;
+};
+
+struct Hyper {
+  LearningRate lr;
+  double lr_decay;
+  double weight_decay;
+  double eps;
+  bool maximize;
+  bool eps_inside_sqrt;
+};
+
+// The 4 KB table fits every GPU; the 32 KB one moves ~8x more work per launch.
+using SmallTable = ChunkTable<3, StepRef, 32, 384>;
+using LargeTable = ChunkTable<3, StepRef, 256, 3328>;
+static_assert(sizeof(SmallTable) + sizeof(Hyper) <= kSmallArgBytes, "kernel argument too large");
+static_assert(sizeof(LargeTable) + sizeof(Hyper) <= kLargeArgBytes, "kernel argument too large");
+
+template <int N>
+struct StepList {
+  float* step[N];
+  int count;
+};
+using SmallStepList = StepList<500>;
+using LargeStepList = StepList<4000>;
+static_assert(sizeof(SmallStepList) <= kSmallArgBytes, "kernel argument too large");
+static_assert(sizeof(LargeStepList) <= kLargeArgBytes, "kernel argument too large");
+
+template <typename S> struct MathTypeOf { using type = float; };
+template <> struct MathTypeOf<double> { using type = double; };
+
+__device__ __forceinline__ float fma_(float a, float b, float c) { return fmaf(a, b, c); }
+__device__ __forceinline__ double fma_(double a, double b, double c) { return fma(a, b, c); }
+__device__ __forceinline__ float sqrt_(float x) { return sqrtf(x); }
+__device__ __forceinline__ double sqrt_(double x) { return sqrt(x); }
+
+// -lr / (1 + (step - 1) * lr_decay), rounded as step_common's neg_clr rounds it on the host.
+// The explicit _rn operations keep nvcc from contracting the denominator into an FMA, which
+// Python's arithmetic (and the CPU build, -ffp-contract=off) does not do.
+__device__ __forceinline__ double device_neg_clr(const LearningRate& lr, double step,
+                                                 double lr_decay) {
+  const double denom = __dadd_rn(1.0, __dmul_rn(__dadd_rn(step, -1.0), lr_decay));
+  if (lr.device_float != nullptr) {
+    return -static_cast<double>(__fdiv_rn(*lr.device_float, static_cast<float>(denom)));
+  }
+  if (lr.device_double != nullptr) return -__ddiv_rn(*lr.device_double, denom);
+  if (lr.host_is_float) {
+    return -static_cast<double>(__fdiv_rn(static_cast<float>(lr.host), static_cast<float>(denom)));
+  }
+  return -__ddiv_rn(lr.host, denom);
+}
+
+template <typename M>
+struct Coeffs {
+  M neg_clr;
+  M weight_decay;
+  M eps;
+  bool weight_decay_on;
+  bool maximize;
+  bool eps_inside_sqrt;
+};
+
+// The element update in csrc/cpu/kernel_impl.h's order: g = -grad if maximize; g += wd * p
+// (FMA, skipped entirely at wd == 0, as torch skips it); sum += g * g (FMA);
+// std = sqrt(sum) + eps, or sqrt(sum + eps); p = p + (neg_clr * g) / std.
+// The update uses the unrounded sum; sum and param are rounded once, to the storage type.
+template <typename S, typename M>
+__device__ __forceinline__ void update(S& param, const S grad, S& sum, const Coeffs<M>& c) {
+  M g = static_cast<M>(grad);
+  if (c.maximize) g = -g;
+  const M p = static_cast<M>(param);
+  if (c.weight_decay_on) g = fma_(p, c.weight_decay, g);
+  const M s = fma_(g, g, static_cast<M>(sum));
+  const M denom = c.eps_inside_sqrt ? sqrt_(s + c.eps) : sqrt_(s) + c.eps;
+  sum = static_cast<S>(s);
+  param = static_cast<S>(p + (c.neg_clr * g) / denom);
+}
+
+template <typename S, int W>
+struct alignas(sizeof(S) * W) Pack {
+  S v[W];
+};
+
+// Updates `count` packs of W elements. Each thread first issues the loads of U packs of all
+// three arrays (3 * U independent requests in flight), then computes and stores them. Pack i
+// goes to thread i % kBlockThreads, so a warp reads consecutive addresses.
+template <int W, int U, typename S, typename M>
+__device__ __forceinline__ void update_packs(S* param, const S* grad, S* sum, int count,
+                                             const Coeffs<M>& c) {
+  using P = Pack<S, W>;
+  P* p = reinterpret_cast<P*>(param);
+  const P* g = reinterpret_cast<const P*>(grad);
+  P* s = reinterpret_cast<P*>(sum);
+  for (int base = threadIdx.x; base < count; base += kBlockThreads * U) {
+    P rp[U], rg[U], rs[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int i = base + u * kBlockThreads;
+      if (i < count) {
+        rp[u] = p[i];
+        rg[u] = g[i];
+        rs[u] = s[i];
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int i = base + u * kBlockThreads;
+      if (i < count) {
+#pragma unroll
+        for (int e = 0; e < W; ++e) update(rp[u].v[e], rg[u].v[e], rs[u].v[e], c);
+        p[i] = rp[u];
+        s[i] = rs[u];
+      }
+    }
+  }
+}
+
+__device__ __forceinline__ bool aligned16(const void* ptr) {
+  return reinterpret_cast<uintptr_t>(ptr) % 16 == 0;
+}
+
+// One block per (tensor, chunk). Steps were incremented by an earlier launch on the stream, so
+// every block of a tensor reads the same, final value: no block writes what another reads.
+template <typename S, typename Table>
+__global__ void __launch_bounds__(kBlockThreads) adagrad_kernel(const Table table, const Hyper h) {
+  using M = typename MathTypeOf<S>::type;
+  const int t = table.tensor[blockIdx.x];
+  const int64_t start = static_cast<int64_t>(table.chunk[blockIdx.x]) * kChunkSize;
+  const int n = static_cast<int>(min(kChunkSize, table.numel[t] - start));
+  S* param = static_cast<S*>(table.ptr[0][t]) + start;
+  const S* grad = static_cast<const S*>(table.ptr[1][t]) + start;
+  S* sum = static_cast<S*>(table.ptr[2][t]) + start;
+
+  const StepRef step = table.extra[t];
+  const double step_value = step.device != nullptr ? static_cast<double>(*step.device) : step.host;
+  Coeffs<M> c;
+  c.neg_clr = static_cast<M>(device_neg_clr(h.lr, step_value, h.lr_decay));
+  c.weight_decay = static_cast<M>(h.weight_decay);
+  c.eps = static_cast<M>(h.eps);
+  c.weight_decay_on = h.weight_decay != 0;
+  c.maximize = h.maximize;
+  c.eps_inside_sqrt = h.eps_inside_sqrt;
+
+  // A chunk starts a multiple of 16 bytes after its tensor's start, so it is aligned exactly
+  // when the tensors are. 128-bit accesses for the aligned bulk, element accesses otherwise
+  // (e.g. a view that starts at element 1) and for the last W - 1 elements.
+  constexpr int W = 16 / sizeof(S);
+  int done = 0;
+  if (aligned16(param) && aligned16(grad) && aligned16(sum)) {
+    update_packs<W, 2>(param, grad, sum, n / W, c);
+    done = n / W * W;
+  }
+  update_packs<1, 4>(param + done, grad + done, sum + done, n - done, c);
+}
+
+template <int N>
+__global__ void increment_steps_kernel(const StepList<N> list) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < list.count) *list.step[i] += 1.0f;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host side
+
+// Whether launches on `stream` may take a 32 KB argument: built for it (CUDA >= 12.1, Volta+),
+// a driver that supports it, and the stream not being captured into a graph. ATen's
+// multi_tensor_apply also keeps to 4 KB arguments under capture; a graph replays the extra
+// launches of the small tables cheaply.
+bool large_kernel_args(cudaStream_t stream) {
+#if FUSED_ADAGRAD_LARGE_KERNEL_ARGS
+  static const bool driver_ok = [] {
+    int version = 0;
+    C10_CUDA_CHECK(cudaDriverGetVersion(&version));
+    return version >= 12010;
+  }();
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  return driver_ok && capture == cudaStreamCaptureStatusNone;
+#else
+  (void)stream;
+  return false;
+#endif
+}
+
+template <typename List>
+void launch_increments(const std::vector<float*>& steps, cudaStream_t stream) {
+  constexpr int kMax = static_cast<int>(sizeof(List::step) / sizeof(float*));
+  constexpr int kThreads = 256;
+  List list;
+  for (size_t begin = 0; begin < steps.size(); begin += kMax) {
+    list.count = static_cast<int>(std::min<size_t>(kMax, steps.size() - begin));
+    std::copy_n(steps.begin() + begin, list.count, list.step);
+    increment_steps_kernel<<<(list.count + kThreads - 1) / kThreads, kThreads, 0, stream>>>(list);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+void increment_device_steps(const std::vector<float*>& steps, cudaStream_t stream) {
+  if (steps.empty()) return;
+#if FUSED_ADAGRAD_LARGE_KERNEL_ARGS
+  if (large_kernel_args(stream)) return launch_increments<LargeStepList>(steps, stream);
+#endif
+  launch_increments<SmallStepList>(steps, stream);
+}
+
+using Entry = TensorEntry<3, StepRef>;
+
+template <typename S, typename Table>
+void launch_tables(const std::vector<Entry>& entries, const Hyper& hyper, cudaStream_t stream) {
+  for_each_table<Table>(entries, [&](const Table& table, int blocks) {
+    adagrad_kernel<S, Table><<<blocks, kBlockThreads, 0, stream>>>(table, hyper);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+template <typename S>
+void launch_update(const std::vector<Entry>& entries, const Hyper& hyper, cudaStream_t stream) {
+  if (entries.empty()) return;
+#if FUSED_ADAGRAD_LARGE_KERNEL_ARGS
+  if (large_kernel_args(stream)) return launch_tables<S, LargeTable>(entries, hyper, stream);
+#endif
+  launch_tables<S, SmallTable>(entries, hyper, stream);
+}
+
+// The kernel's dtype groups; complex params arrive as their real views.
+constexpr int kDtypes = 4;
+int dtype_slot(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return 0;
+    case at::kDouble: return 1;
+    case at::kHalf: return 2;
+    case at::kBFloat16: return 3;
+    default: TORCH_INTERNAL_ASSERT(false, "unexpected dtype ", t);
+  }
+}
+
+// One param that takes a step on a CUDA device.
+struct ParamWork {
+  size_t index;                 // in the op's lists
+  at::Tensor device_step;       // float32 on the device, read by the kernel; undefined: host step
+  at::Tensor step_copy_back;    // the user's step, when device_step is a float32 copy of it
+  at::Tensor param, grad, sum;  // what the kernel updates; undefined for sparse and empty params
+  bool sparse = false;
+};
+
+// A user tensor the kernel cannot update in place, and the dense copy it updates instead.
+struct Staged {
+  at::Tensor user, work;
+};
+
+struct DeviceWork {
+  at::Device device;
+  std::vector<ParamWork> params;
+  std::vector<Staged> staged;
+  at::Tensor lr_on_device;  // keeps a moved or converted lr tensor alive until the launch
+  LearningRate lr{};
+};
+
+bool same_dense_layout(const at::Tensor& a, const at::Tensor& b) {
+  return b.strides() == a.strides() && b.is_non_overlapping_and_dense();
+}
+
+// Where the kernels on `device` read the learning rate. A device lr tensor is read by the kernel
+// (moved to `device`, or widened to float64, by stream-ordered copies); a host one is read here.
+void set_learning_rate(DeviceWork& dw, double lr, const std::optional<at::Tensor>& lr_tensor) {
+  dw.lr = LearningRate{nullptr, nullptr, lr, false};
+  if (!lr_tensor.has_value() || !lr_tensor->defined()) return;
+  const at::Tensor& t = *lr_tensor;
+  if (t.is_cpu()) {
+    dw.lr.host_is_float = t.scalar_type() == at::kFloat;
+    dw.lr.host = dw.lr.host_is_float ? t.item<float>() : t.item<double>();
+    return;
+  }
+  at::Tensor d = t.device() == dw.device ? t : t.to(dw.device);
+  if (d.scalar_type() != at::kFloat && d.scalar_type() != at::kDouble) d = d.to(at::kDouble);
+  dw.lr_on_device = d;
+  if (d.scalar_type() == at::kFloat) {
+    dw.lr.device_float = d.const_data_ptr<float>();
+  } else {
+    dw.lr.device_double = d.const_data_ptr<double>();
+  }
+}
+
+// Params on the CPU in a call that reached this kernel (a group mixing CPU and CUDA params, or
+// CPU params with a CUDA lr tensor) go to the CPU kernel. A CUDA lr tensor is then read on the
+// host there: a synchronization this mix cannot avoid.
+void step_cpu_params(const std::vector<size_t>& indices, at::TensorList params,
+                     const OptionalTensorList& grads, at::TensorList sums, at::TensorList steps,
+                     double lr, double lr_decay, double weight_decay, double eps, bool maximize,
+                     bool eps_inside_sqrt, const std::optional<at::Tensor>& lr_tensor) {
+  if (indices.empty()) return;
+  std::vector<at::Tensor> p, s, st;
+  OptionalTensorList g;
+  for (size_t i : indices) {
+    p.push_back(params[i]);
+    g.push_back(grads[i]);
+    s.push_back(sums[i]);
+    st.push_back(steps[i]);
+  }
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fused_adagrad::adagrad_step_", "")
+                       .typed<void(at::TensorList, const OptionalTensorList&, at::TensorList,
+                                   at::TensorList, double, double, double, double, bool, bool,
+                                   const std::optional<at::Tensor>&)>();
+  op.redispatch(c10::DispatchKeySet(c10::DispatchKey::CPU), p, g, s, st, lr, lr_decay,
+                weight_decay, eps, maximize, eps_inside_sqrt, lr_tensor);
+}
+
+void adagrad_step_cuda(at::TensorList params, const OptionalTensorList& grads, at::TensorList sums,
+                       at::TensorList steps, double lr, double lr_decay, double weight_decay,
+                       double eps, bool maximize, bool eps_inside_sqrt,
+                       const std::optional<at::Tensor>& lr_tensor) {
+  check_inputs(params, grads, sums, steps, weight_decay);
+  TORCH_CHECK(!lr_tensor.has_value() || !lr_tensor->defined() || lr_tensor->numel() == 1,
+              "lr_tensor must have one element, got ", lr_tensor->numel());
+
+  // Pass 1: group by device and lay out the work. This may allocate (staging copies, float32
+  // copies of steps, the lr on each device) but changes no user tensor, so a failure here
+  // leaves everything as it was.
+  std::vector<DeviceWork> devices;
+  std::vector<size_t> cpu_params;
+  for (size_t i = 0; i < params.size(); ++i) {
+    const std::optional<at::Tensor> g_opt = grads[i];
+    if (!g_opt.has_value() || !g_opt->defined()) continue;  // no grad: no step, like torch
+    const at::Tensor& p = params[i];
+    if (p.is_cpu()) {
+      cpu_params.push_back(i);
+      continue;
+    }
+    TORCH_CHECK(p.is_cuda(), "param ", i, ": the CUDA kernel cannot update a tensor on ",
+                p.device());
+    auto dw = std::find_if(devices.begin(), devices.end(),
+                           [&](const DeviceWork& d) { return d.device == p.device(); });
+    if (dw == devices.end()) {
+      devices.push_back(DeviceWork{p.device()});
+      dw = devices.end() - 1;
+      c10::cuda::CUDAGuard guard(dw->device);
+      set_learning_rate(*dw, lr, lr_tensor);
+    }
+    c10::cuda::CUDAGuard guard(dw->device);
+
+    ParamWork w;
+    w.index = i;
+    const at::Tensor& st = steps[i];
+    if (st.is_cuda()) {
+      // The kernel reads float32 steps; torch.optim keeps them in float32, others get a copy.
+      if (st.scalar_type() == at::kFloat) {
+        w.device_step = st;
+      } else {
+        w.device_step = st.to(at::kFloat);
+        w.step_copy_back = st;
+      }
+    }
+    const at::Tensor& g_in = *g_opt;
+    if (g_in.is_sparse()) {
+      w.sparse = p.numel() != 0;
+    } else if (p.numel() != 0) {
+      at::Tensor pr = p, g = g_in, s = sums[i];
+      if (pr.is_complex()) {
+        pr = at::view_as_real(pr);
+        g = at::view_as_real(g);
+        s = at::view_as_real(s);
+      }
+      // The kernel walks param, grad and sum as flat arrays in memory order: they must be dense
+      // and share one layout. Otherwise it updates dense copies (empty_like keeps the strides of
+      // a dense tensor), written back after the launch.
+      at::Tensor p_work = pr.is_non_overlapping_and_dense() ? pr : pr.contiguous();
+      if (!same_dense_layout(p_work, g)) g = at::empty_like(p_work).copy_(g);
+      at::Tensor s_work = same_dense_layout(p_work, s) ? s : at::empty_like(p_work).copy_(s);
+      if (!p_work.is_same(pr)) dw->staged.push_back({pr, p_work});
+      if (!s_work.is_same(s)) dw->staged.push_back({s, s_work});
+      w.param = p_work;
+      w.grad = g;
+      w.sum = s_work;
+    }
+    dw->params.push_back(std::move(w));
+  }
+
+  step_cpu_params(cpu_params, params, grads, sums, steps, lr, lr_decay, weight_decay, eps,
+                  maximize, eps_inside_sqrt, lr_tensor);
+
+  // Pass 2: steps, then the update, on each device's current stream.
+  for (DeviceWork& dw : devices) {
+    c10::cuda::CUDAGuard guard(dw.device);
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dw.device.index()).stream();
+
+    std::vector<double> host_step(dw.params.size(), 0.0);
+    std::vector<float*> device_steps;
+    for (size_t k = 0; k < dw.params.size(); ++k) {
+      const ParamWork& w = dw.params[k];
+      if (w.device_step.defined()) {
+        device_steps.push_back(w.device_step.data_ptr<float>());
+      } else {
+        host_step[k] = increment_host_step(steps[w.index]);  // a CPU tensor: no device read
+      }
+    }
+    increment_device_steps(device_steps, stream);
+
+    std::vector<Entry> entries[kDtypes];
+    for (size_t k = 0; k < dw.params.size(); ++k) {
+      const ParamWork& w = dw.params[k];
+      if (!w.param.defined()) continue;
+      const StepRef step{
+          w.device_step.defined() ? w.device_step.const_data_ptr<float>() : nullptr,
+          host_step[k]};
+      entries[dtype_slot(w.param.scalar_type())].push_back(
+          Entry{{w.param.data_ptr(), const_cast<void*>(w.grad.const_data_ptr()), w.sum.data_ptr()},
+                w.param.numel(),
+                step});
+    }
+    const Hyper hyper{dw.lr, lr_decay, weight_decay, eps, maximize, eps_inside_sqrt};
+    launch_update<float>(entries[0], hyper, stream);
+    launch_update<double>(entries[1], hyper, stream);
+    launch_update<c10::Half>(entries[2], hyper, stream);
+    launch_update<c10::BFloat16>(entries[3], hyper, stream);
+
+    for (const Staged& st : dw.staged) st.user.copy_(st.work);
+    for (const ParamWork& w : dw.params) {
+      if (w.step_copy_back.defined()) w.step_copy_back.copy_(w.device_step);
+    }
+
+    // Sparse grads take step_common's unfused update. It synchronizes anyway (coalesce needs
+    // the number of distinct indices on the host), and its Scalar learning rate needs the step
+    // and a device lr on the host: `.item()` waits for the increment above.
+    for (size_t k = 0; k < dw.params.size(); ++k) {
+      const ParamWork& w = dw.params[k];
+      if (!w.sparse) continue;
+      const double step = w.device_step.defined() ? w.device_step.item<double>() : host_step[k];
+      const std::optional<at::Tensor> g = grads[w.index];
+      const double clr = fused_adagrad::neg_clr(lr, lr_tensor, step, lr_decay);
+      sparse_update(params[w.index], *g, sums[w.index], clr, eps, maximize, eps_inside_sqrt);
+    }
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_adagrad, CUDA, m) { m.impl("adagrad_step_", &adagrad_step_cuda); }
+// A sparse CUDA grad in the list makes the dispatcher pick this key; the same code handles it.
+TORCH_LIBRARY_IMPL(fused_adagrad, SparseCUDA, m) { m.impl("adagrad_step_", &adagrad_step_cuda); }
+
+}  // namespace fused_adagrad::cuda
