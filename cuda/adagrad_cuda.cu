@@ -46,6 +46,7 @@ struct Hyper {
   double eps;
   bool maximize;
   bool eps_inside_sqrt;
+  bool fma_weight_decay;  // false for the real views of complex params
 };
 
 // The 4 KB table fits every GPU; the 32 KB one moves ~8x more work per launch.
@@ -71,6 +72,20 @@ __device__ __forceinline__ float fma_(float a, float b, float c) { return fmaf(a
 __device__ __forceinline__ double fma_(double a, double b, double c) { return fma(a, b, c); }
 __device__ __forceinline__ float sqrt_(float x) { return sqrtf(x); }
 __device__ __forceinline__ double sqrt_(double x) { return sqrt(x); }
+// A rounded product and a rounded sum that nvcc may not contract into an FMA.
+__device__ __forceinline__ float mul_add_(float a, float b, float c) {
+  return __fadd_rn(__fmul_rn(a, b), c);
+}
+__device__ __forceinline__ double mul_add_(double a, double b, double c) {
+  return __dadd_rn(__dmul_rn(a, b), c);
+}
+
+// x rounded to the storage type S and widened back: torch's for-loop keeps every intermediate
+// tensor (g, sum, sqrt, std) in the param's dtype. The identity for float and double.
+template <typename S, typename M>
+__device__ __forceinline__ M round_to(M x) {
+  return static_cast<M>(static_cast<S>(x));
+}
 
 // -lr / (1 + (step - 1) * lr_decay), rounded as step_common's neg_clr rounds it on the host.
 // The explicit _rn operations keep nvcc from contracting the denominator into an FMA, which
@@ -91,25 +106,31 @@ __device__ __forceinline__ double device_neg_clr(const LearningRate& lr, double 
 template <typename M>
 struct Coeffs {
   M neg_clr;
-  M weight_decay;
+  M weight_decay;  // both rounded to the storage type first, as torch casts its scalars
   M eps;
   bool weight_decay_on;
+  bool fma_weight_decay;
   bool maximize;
   bool eps_inside_sqrt;
 };
 
 // The element update in csrc/cpu/kernel_impl.h's order: g = -grad if maximize; g += wd * p
-// (FMA, skipped entirely at wd == 0, as torch skips it); sum += g * g (FMA);
-// std = sqrt(sum) + eps, or sqrt(sum + eps); p = p + (neg_clr * g) / std.
-// The update uses the unrounded sum; sum and param are rounded once, to the storage type.
+// (FMA; a rounded product then a sum for complex params; skipped entirely at wd == 0, as torch
+// skips it); sum += g * g (FMA); std = sqrt(sum) + eps, or sqrt(sum + eps);
+// p = p + (neg_clr * g) / std. For half and bfloat16 the intermediates are rounded where torch
+// stores them; the arithmetic between the roundings is float.
 template <typename S, typename M>
 __device__ __forceinline__ void update(S& param, const S grad, S& sum, const Coeffs<M>& c) {
   M g = static_cast<M>(grad);
   if (c.maximize) g = -g;
   const M p = static_cast<M>(param);
-  if (c.weight_decay_on) g = fma_(p, c.weight_decay, g);
-  const M s = fma_(g, g, static_cast<M>(sum));
-  const M denom = c.eps_inside_sqrt ? sqrt_(s + c.eps) : sqrt_(s) + c.eps;
+  if (c.weight_decay_on) {
+    g = round_to<S>(c.fma_weight_decay ? fma_(p, c.weight_decay, g)
+                                       : mul_add_(p, c.weight_decay, g));
+  }
+  const M s = round_to<S>(fma_(g, g, static_cast<M>(sum)));
+  const M denom = c.eps_inside_sqrt ? round_to<S>(sqrt_(round_to<S>(s + c.eps)))
+                                    : round_to<S>(round_to<S>(sqrt_(s)) + c.eps);
   sum = static_cast<S>(s);
   param = static_cast<S>(p + (c.neg_clr * g) / denom);
 }
@@ -173,9 +194,10 @@ __global__ void __launch_bounds__(kBlockThreads) adagrad_kernel(const Table tabl
   const double step_value = step.device != nullptr ? static_cast<double>(*step.device) : step.host;
   Coeffs<M> c;
   c.neg_clr = static_cast<M>(device_neg_clr(h.lr, step_value, h.lr_decay));
-  c.weight_decay = static_cast<M>(h.weight_decay);
-  c.eps = static_cast<M>(h.eps);
+  c.weight_decay = round_to<S>(static_cast<M>(h.weight_decay));
+  c.eps = round_to<S>(static_cast<M>(h.eps));
   c.weight_decay_on = h.weight_decay != 0;
+  c.fma_weight_decay = h.fma_weight_decay;
   c.maximize = h.maximize;
   c.eps_inside_sqrt = h.eps_inside_sqrt;
 
@@ -260,14 +282,17 @@ void launch_update(const std::vector<Entry>& entries, const Hyper& hyper, cudaSt
   launch_tables<S, SmallTable>(entries, hyper, stream);
 }
 
-// The kernel's dtype groups; complex params arrive as their real views.
-constexpr int kDtypes = 4;
-int dtype_slot(at::ScalarType t) {
+// The kernel's dtype groups. Complex params arrive as their real views but keep groups of their
+// own: torch adds their weight decay in complex arithmetic, without an FMA.
+enum Slot { kSlotF32, kSlotF64, kSlotF16, kSlotBF16, kSlotC64, kSlotC128, kSlots };
+Slot dtype_slot(at::ScalarType t) {
   switch (t) {
-    case at::kFloat: return 0;
-    case at::kDouble: return 1;
-    case at::kHalf: return 2;
-    case at::kBFloat16: return 3;
+    case at::kFloat: return kSlotF32;
+    case at::kDouble: return kSlotF64;
+    case at::kHalf: return kSlotF16;
+    case at::kBFloat16: return kSlotBF16;
+    case at::kComplexFloat: return kSlotC64;
+    case at::kComplexDouble: return kSlotC128;
     default: TORCH_INTERNAL_ASSERT(false, "unexpected dtype ", t);
   }
 }
@@ -278,6 +303,7 @@ struct ParamWork {
   at::Tensor device_step;       // float32 on the device, read by the kernel; undefined: host step
   at::Tensor step_copy_back;    // the user's step, when device_step is a float32 copy of it
   at::Tensor param, grad, sum;  // what the kernel updates; undefined for sparse and empty params
+  Slot slot = kSlotF32;
   bool sparse = false;
 };
 
@@ -394,6 +420,7 @@ void adagrad_step_cuda(at::TensorList params, const OptionalTensorList& grads, a
       w.sparse = p.numel() != 0;
     } else if (p.numel() != 0) {
       at::Tensor pr = p, g = g_in, s = sums[i];
+      w.slot = dtype_slot(p.scalar_type());
       if (pr.is_complex()) {
         pr = at::view_as_real(pr);
         g = at::view_as_real(g);
@@ -434,23 +461,26 @@ void adagrad_step_cuda(at::TensorList params, const OptionalTensorList& grads, a
     }
     increment_device_steps(device_steps, stream);
 
-    std::vector<Entry> entries[kDtypes];
+    std::vector<Entry> entries[kSlots];
     for (size_t k = 0; k < dw.params.size(); ++k) {
       const ParamWork& w = dw.params[k];
       if (!w.param.defined()) continue;
       const StepRef step{
           w.device_step.defined() ? w.device_step.const_data_ptr<float>() : nullptr,
           host_step[k]};
-      entries[dtype_slot(w.param.scalar_type())].push_back(
+      entries[w.slot].push_back(
           Entry{{w.param.data_ptr(), const_cast<void*>(w.grad.const_data_ptr()), w.sum.data_ptr()},
                 w.param.numel(),
                 step});
     }
-    const Hyper hyper{dw.lr, lr_decay, weight_decay, eps, maximize, eps_inside_sqrt};
-    launch_update<float>(entries[0], hyper, stream);
-    launch_update<double>(entries[1], hyper, stream);
-    launch_update<c10::Half>(entries[2], hyper, stream);
-    launch_update<c10::BFloat16>(entries[3], hyper, stream);
+    Hyper hyper{dw.lr, lr_decay, weight_decay, eps, maximize, eps_inside_sqrt, true};
+    launch_update<float>(entries[kSlotF32], hyper, stream);
+    launch_update<double>(entries[kSlotF64], hyper, stream);
+    launch_update<c10::Half>(entries[kSlotF16], hyper, stream);
+    launch_update<c10::BFloat16>(entries[kSlotBF16], hyper, stream);
+    hyper.fma_weight_decay = false;
+    launch_update<float>(entries[kSlotC64], hyper, stream);
+    launch_update<double>(entries[kSlotC128], hyper, stream);
 
     for (const Staged& st : dw.staged) st.user.copy_(st.work);
     for (const ParamWork& w : dw.params) {
