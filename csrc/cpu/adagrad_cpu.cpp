@@ -71,6 +71,8 @@ Dtype kernel_dtype(at::ScalarType t) {
     case at::kDouble: return Dtype::Double;
     case at::kHalf: return Dtype::Half;
     case at::kBFloat16: return Dtype::BFloat16;
+    case at::kComplexFloat: return Dtype::ComplexFloat;
+    case at::kComplexDouble: return Dtype::ComplexDouble;
     default: TORCH_INTERNAL_ASSERT(false, "unexpected dtype ", t);
   }
 }
@@ -117,8 +119,9 @@ void adagrad_step_cpu(at::TensorList params, const OptionalTensorList& grads, at
     std::vector<Slice> slices;
     std::vector<int64_t> ends;
   };
-  Group groups[4];
+  Group groups[kNumDtypes];
   std::vector<Staged> staged;
+  std::vector<at::Tensor> grad_copies;  // keeps the kernel's grad buffers alive until it is done
   std::vector<size_t> sparse;
   std::vector<double> sparse_neg_clr;
 
@@ -134,6 +137,7 @@ void adagrad_step_cpu(at::TensorList params, const OptionalTensorList& grads, at
       continue;
     }
     at::Tensor p = params[i], g = *g_opt, s = sums[i];
+    const int d = static_cast<int>(kernel_dtype(p.scalar_type()));
     if (p.is_complex()) {
       p = at::view_as_real(p);
       g = at::view_as_real(g);
@@ -141,11 +145,13 @@ void adagrad_step_cpu(at::TensorList params, const OptionalTensorList& grads, at
     }
     at::Tensor p_work = p.is_non_overlapping_and_dense() ? p : p.contiguous();
     // empty_like of a dense tensor keeps its strides, so all three then share one layout.
-    if (!same_dense_layout(p_work, g)) g = at::empty_like(p_work).copy_(g);
+    if (!same_dense_layout(p_work, g)) {
+      g = at::empty_like(p_work).copy_(g);
+      grad_copies.push_back(g);
+    }
     at::Tensor s_work = same_dense_layout(p_work, s) ? s : at::empty_like(p_work).copy_(s);
     if (!p_work.is_same(p) || !s_work.is_same(s)) staged.push_back({p, s, p_work, s_work});
 
-    const int d = static_cast<int>(kernel_dtype(p.scalar_type()));
     Group& grp = groups[d];
     grp.slices.push_back({p_work.data_ptr(), g.data_ptr(), s_work.data_ptr(), 0.0});
     grp.ends.push_back((grp.ends.empty() ? 0 : grp.ends.back()) + p_work.numel());
@@ -165,7 +171,7 @@ void adagrad_step_cpu(at::TensorList params, const OptionalTensorList& grads, at
     }
   }
 
-  for (int d = 0; d < 4; ++d) {
+  for (int d = 0; d < kNumDtypes; ++d) {
     Group& grp = groups[d];
     if (grp.slices.empty()) continue;
     const Update update{grp.slices.data(), grp.ends.data(), static_cast<int64_t>(grp.slices.size()),

@@ -5,7 +5,10 @@
 
 namespace fused_adagrad::cpu {
 
-enum class Dtype : uint8_t { Float, Double, Half, BFloat16 };
+// Complex params arrive as real views; they keep their own entries because torch adds their
+// weight decay in complex arithmetic (rounded product, then sum) rather than with an FMA.
+enum class Dtype : uint8_t { Float, Double, Half, BFloat16, ComplexFloat, ComplexDouble };
+constexpr int kNumDtypes = 6;
 
 // One parameter's contiguous run of elements (complex params arrive as real views).
 struct Slice {

@@ -27,27 +27,41 @@ inline double sqrt_(double x) { return __builtin_sqrt(x); }
 // the param's type: weight_decay and eps are rounded to half/bfloat16 first. With weight decay,
 // g + wd * p often cancels, so that rounding shows in the result and we must do the same.
 struct F32 {
+  static constexpr bool kFmaWeightDecay = true;
   using S = float;
   using M = float;
   static M load(S x) { return x; }
   static S store(M x) { return x; }
   static M hyper(double x) { return static_cast<M>(x); }
+  static M round(M x) { return x; }
 };
 struct F64 {
+  static constexpr bool kFmaWeightDecay = true;
   using S = double;
   using M = double;
   static M load(S x) { return x; }
   static S store(M x) { return x; }
   static M hyper(double x) { return x; }
+  static M round(M x) { return x; }
+};
+// Real views of complex64/complex128.
+struct C32 : F32 {
+  static constexpr bool kFmaWeightDecay = false;
+};
+struct C64 : F64 {
+  static constexpr bool kFmaWeightDecay = false;
 };
 struct F16 {
+  static constexpr bool kFmaWeightDecay = true;
   using S = _Float16;  // IEEE binary16, bit-compatible with c10::Half
   using M = float;
   static M load(S x) { return static_cast<float>(x); }
   static S store(M x) { return static_cast<_Float16>(x); }
   static M hyper(double x) { return load(store(static_cast<float>(x))); }
+  static M round(M x) { return load(store(x)); }
 };
 struct BF16 {
+  static constexpr bool kFmaWeightDecay = true;
   using S = uint16_t;  // bit pattern of c10::BFloat16
   using M = float;
   static M load(S x) {
@@ -64,6 +78,7 @@ struct BF16 {
     return f != f ? uint16_t{0x7fc0} : static_cast<uint16_t>(rounded);
   }
   static M hyper(double x) { return load(store(static_cast<float>(x))); }
+  static M round(M x) { return load(store(x)); }
 };
 
 // The order of operations is torch's single-tensor path:
@@ -75,6 +90,9 @@ struct BF16 {
 // rounded (up to 0.75 ulp; 15 % of fp32 elements differ by 1 ulp from IEEE sqrt). We use the
 // IEEE sqrt, as torch's own fused=True kernel does; p then stays within 2 ulp per step of
 // torch's for-loop, and is bitwise equal to it wherever its for-loop and fused=True agree.
+// For half and bfloat16, torch's for-loop stores each of those intermediates (g, sum, sqrt,
+// std) as a tensor of the param's dtype; T::round does the same in registers, so the numbers
+// match torch's while the arithmetic between the roundings is float.
 template <typename T, bool kMaximize, bool kWeightDecay, bool kEpsInsideSqrt>
 void update_run(typename T::S* __restrict param, const typename T::S* __restrict grad,
                 typename T::S* __restrict sum, int64_t n, typename T::M neg_clr,
@@ -84,13 +102,15 @@ void update_run(typename T::S* __restrict param, const typename T::S* __restrict
     M g = T::load(grad[i]);
     if constexpr (kMaximize) g = -g;
     M p = T::load(param[i]);
-    if constexpr (kWeightDecay) g = fmadd(p, weight_decay, g);
-    M s = fmadd(g, g, T::load(sum[i]));
+    if constexpr (kWeightDecay) {
+      g = T::round(T::kFmaWeightDecay ? fmadd(p, weight_decay, g) : p * weight_decay + g);
+    }
+    M s = T::round(fmadd(g, g, T::load(sum[i])));
     M denom;
     if constexpr (kEpsInsideSqrt) {
-      denom = sqrt_(s + eps);
+      denom = T::round(sqrt_(T::round(s + eps)));
     } else {
-      denom = sqrt_(s) + eps;
+      denom = T::round(T::round(sqrt_(s)) + eps);
     }
     sum[i] = T::store(s);
     param[i] = T::store(p + (neg_clr * g) / denom);
@@ -145,6 +165,8 @@ void update_range(const Update& u, int64_t begin, int64_t end) {
     case Dtype::Double: return update_range_typed<F64>(u, begin, end);
     case Dtype::Half: return update_range_typed<F16>(u, begin, end);
     case Dtype::BFloat16: return update_range_typed<BF16>(u, begin, end);
+    case Dtype::ComplexFloat: return update_range_typed<C32>(u, begin, end);
+    case Dtype::ComplexDouble: return update_range_typed<C64>(u, begin, end);
   }
 }
 

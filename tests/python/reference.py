@@ -9,22 +9,38 @@ import torch
 
 
 def ieee_sqrt(t: torch.Tensor) -> torch.Tensor:
-    return torch.from_numpy(np.sqrt(t.contiguous().numpy()))
+    return torch.from_numpy(np.asarray(np.sqrt(t.contiguous().numpy())))
 
 
 def reference_step(p, g, s, step, *, lr=1e-2, lr_decay=0.0, weight_decay=0.0, eps=1e-10,
                    maximize=False, eps_inside_sqrt=False):
     """One step on float32/float64 CPU tensors, in place. `step` is the count after the increment."""
-    if torch.is_complex(p):
-        p, g, s = torch.view_as_real(p), torch.view_as_real(g), torch.view_as_real(s)
     g = -g if maximize else g
     if weight_decay != 0:
-        g = g.add(p, alpha=weight_decay)
+        g = g.add(p, alpha=weight_decay)  # complex arithmetic for complex params, as in torch
+    if torch.is_complex(p):
+        p, g, s = torch.view_as_real(p), torch.view_as_real(g), torch.view_as_real(s)
     lr = lr.item() if torch.is_tensor(lr) else lr
     clr = lr / (1 + (step - 1) * lr_decay)
     s.addcmul_(g, g, value=1)
     std = ieee_sqrt(s + eps) if eps_inside_sqrt else ieee_sqrt(s).add_(eps)
     p.addcdiv_(g, std, value=-clr)
+
+
+def assert_within_ulps(actual, expected, n, magnitude=None):
+    """|actual - expected| <= n ulp, the ulp taken at max(|expected|, |magnitude|).
+
+    A step p - u can cancel; an ulp of u then is many ulps of the small result, so per-step
+    bounds are stated at the magnitude of the operands (pass the param before the step).
+    """
+    if actual.is_complex():
+        actual, expected = torch.view_as_real(actual), torch.view_as_real(expected)
+        magnitude = None if magnitude is None else torch.view_as_real(magnitude)
+    scale = expected.abs() if magnitude is None else torch.maximum(expected.abs(), magnitude.abs())
+    ulp = torch.nextafter(scale, torch.full_like(scale, float("inf"))) - scale
+    diff = (actual - expected).abs()
+    worst = (diff / ulp).max().item() if diff.numel() else 0.0
+    assert worst <= n, f"{worst} ulp apart, allowed {n}"
 
 
 def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
