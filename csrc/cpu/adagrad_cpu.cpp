@@ -193,7 +193,9 @@ void adagrad_step_cpu(at::TensorList params, const OptionalTensorList& grads, at
 }
 
 TORCH_LIBRARY_IMPL(fused_adagrad, CPU, m) { m.impl("adagrad_step_", &adagrad_step_cpu); }
-// A sparse grad in the list makes the dispatcher pick the sparse key; the same code handles it.
+// A sparse grad in the list makes the dispatcher pick the sparse key; the same code handles it
+// (COO) or rejects it naming the param (CSR and other compressed layouts).
 TORCH_LIBRARY_IMPL(fused_adagrad, SparseCPU, m) { m.impl("adagrad_step_", &adagrad_step_cpu); }
+TORCH_LIBRARY_IMPL(fused_adagrad, SparseCsrCPU, m) { m.impl("adagrad_step_", &adagrad_step_cpu); }
 
 }  // namespace fused_adagrad::cpu
