@@ -1,0 +1,94 @@
+"""The dispatcher op itself, the pybind11 module and the C++ optimizer seen from Python."""
+import pytest
+import torch
+
+import fused_adagrad
+from fused_adagrad import FusedAdagrad, _C
+
+OP = torch.ops.fused_adagrad.adagrad_step_
+HYPER = dict(lr=0.1, lr_decay=0.01, weight_decay=0.1, eps=1e-10, maximize=False)
+
+
+def sample_inputs():
+    def make(shapes, dtype=torch.float32):
+        params = [torch.randn(s, dtype=dtype) for s in shapes]
+        return (params, [torch.randn_like(p) for p in params], [torch.rand_like(p) for p in params],
+                [torch.tensor(3.0) for _ in params])
+    yield make([(), (0,), (17,), (4, 5)]), HYPER
+    params, grads, sums, steps = make([(3,), (8,)], torch.float64)
+    yield (params, [grads[0], None], sums, steps), dict(HYPER, maximize=True)
+    yield make([(33,)], torch.bfloat16), dict(HYPER, eps_inside_sqrt=True)
+    yield make([(5,)]), dict(HYPER, lr_tensor=torch.tensor(0.05))
+
+
+@pytest.mark.parametrize("case", list(sample_inputs()), ids=["mixed-shapes", "none-grad", "bf16", "lr-tensor"])
+def test_opcheck(case):
+    args, kwargs = case
+    torch.library.opcheck(OP, args, kwargs)
+
+
+def test_check_op_opcheck():
+    params = [torch.randn(4)]
+    torch.library.opcheck(torch.ops.fused_adagrad.check_adagrad_inputs,
+                          (params, [torch.randn(4)], [torch.zeros(4)], [torch.tensor(0.0)]),
+                          dict(weight_decay=0.0))
+
+
+def test_op_increments_steps_only_for_params_with_grad():
+    params = [torch.randn(3), torch.randn(3)]
+    steps = [torch.tensor(0.0), torch.tensor(0.0)]
+    OP(params, [torch.randn(3), None], [torch.zeros(3), torch.zeros(3)], steps, **HYPER)
+    assert steps[0].item() == 1 and steps[1].item() == 0
+
+
+def test_meta_tensors_are_validated_without_computing():
+    p = torch.empty(4, device="meta")
+    OP([p], [torch.empty(4, device="meta")], [torch.empty(4, device="meta")],
+       [torch.empty((), device="meta")], **HYPER)
+    with pytest.raises(RuntimeError, match="param 0: grad has shape"):
+        OP([p], [torch.empty(5, device="meta")], [torch.empty(4, device="meta")],
+           [torch.empty((), device="meta")], **HYPER)
+
+
+def test_build_info():
+    info = fused_adagrad.build_info()
+    assert info["version"] == fused_adagrad.__version__
+    assert info["torch_version"].split("+")[0] == torch.__version__.split("+")[0]
+    assert info["cpu_kernel"] in info["cpu_kernels"]
+    assert "base" in info["cpu_kernels"]
+    assert isinstance(info["cuda"], bool)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(lr=0.1, lr_decay=0.1, weight_decay=0.05),
+                                dict(maximize=True, initial_accumulator_value=0.2, eps=1e-4)])
+def test_cpp_optimizer_from_python(kw):
+    """The C++ fused_adagrad::FusedAdagrad, through pybind11: the same op, so bitwise equal to the
+    Python optimizer, and close to torch.optim.Adagrad."""
+    torch.manual_seed(0)
+    a = [torch.randn(17), torch.randn(4, 33, dtype=torch.float64)]
+    b, c = [p.clone() for p in a], [p.clone() for p in a]
+    cpp = _C.CppFusedAdagrad(a, **kw)
+    py = FusedAdagrad(b, **kw)
+    ref = torch.optim.Adagrad(c, foreach=False, **kw)
+    for step in range(20):
+        for ps in (a, b, c):
+            torch.manual_seed(step)
+            for p in ps:
+                p.grad = torch.randn_like(p)
+        cpp.step()
+        py.step()
+        ref.step()
+    for x, y, z in zip(a, b, c):
+        assert torch.equal(x, y)
+        torch.testing.assert_close(x, z, rtol=1e-5, atol=1e-6)
+        state = cpp.state(x)
+        assert set(state) == {"step", "sum"}
+        assert state["step"].item() == 20
+        assert torch.equal(state["sum"], py.state[y]["sum"])
+    cpp.zero_grad(True)
+    assert all(p.grad is None for p in a)
+
+
+def test_cpp_optimizer_validates_options():
+    with pytest.raises(RuntimeError, match="Invalid learning rate: -1"):
+        _C.CppFusedAdagrad([torch.randn(2)], lr=-1.0)
