@@ -226,8 +226,8 @@ __global__ void increment_steps_kernel(const StepList<N> list) {
 // a driver that supports it, and the stream not being captured into a graph. ATen's
 // multi_tensor_apply also keeps to 4 KB arguments under capture; a graph replays the extra
 // launches of the small tables cheaply.
-bool large_kernel_args(cudaStream_t stream) {
 #if FUSED_ADAGRAD_LARGE_KERNEL_ARGS
+bool large_kernel_args(cudaStream_t stream) {
   static const bool driver_ok = [] {
     int version = 0;
     C10_CUDA_CHECK(cudaDriverGetVersion(&version));
@@ -236,11 +236,8 @@ bool large_kernel_args(cudaStream_t stream) {
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
   return driver_ok && capture == cudaStreamCaptureStatusNone;
-#else
-  (void)stream;
-  return false;
-#endif
 }
+#endif
 
 template <typename List>
 void launch_increments(const std::vector<float*>& steps, cudaStream_t stream) {
