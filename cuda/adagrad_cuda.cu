@@ -180,6 +180,8 @@ __device__ __forceinline__ bool aligned16(const void* ptr) {
 
 // One block per (tensor, chunk). Steps were incremented by an earlier launch on the stream, so
 // every block of a tensor reads the same, final value: no block writes what another reads.
+// (Letting one block of each tensor write step + 1 here would race with the other blocks of
+// that tensor, which run in any order and may read the step before or after the write.)
 template <typename S, typename Table>
 __global__ void __launch_bounds__(kBlockThreads) adagrad_kernel(const Table table, const Hyper h) {
   using M = typename MathTypeOf<S>::type;
