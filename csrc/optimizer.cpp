@@ -66,6 +66,30 @@ void check_options(const FusedAdagradOptions& o) {
   TORCH_CHECK(o.eps() >= 0, "Invalid epsilon value: ", o.eps());
 }
 
+// A group's options as recent torch (2.13) resolves them for torch::optim::Adagrad: a field
+// left at its FusedAdagradOptions() value takes the optimizer's default, like a key missing from
+// a Python param group.
+FusedAdagradOptions merge_group_options(const torch::optim::OptimizerOptions& defaults_base,
+                                        const torch::optim::OptimizerOptions& group_base) {
+  const auto* group = dynamic_cast<const FusedAdagradOptions*>(&group_base);
+  TORCH_CHECK(group != nullptr, "FusedAdagrad: param group options must be FusedAdagradOptions");
+  const auto& defaults = static_cast<const FusedAdagradOptions&>(defaults_base);
+  const FusedAdagradOptions unset;
+  FusedAdagradOptions o = defaults;
+  if (group->lr() != unset.lr()) o.lr(group->lr());
+  if (group->lr_decay() != unset.lr_decay()) o.lr_decay(group->lr_decay());
+  if (group->weight_decay() != unset.weight_decay()) o.weight_decay(group->weight_decay());
+  if (group->initial_accumulator_value() != unset.initial_accumulator_value()) {
+    o.initial_accumulator_value(group->initial_accumulator_value());
+  }
+  if (group->eps() != unset.eps()) o.eps(group->eps());
+  if (group->maximize() != unset.maximize()) o.maximize(group->maximize());
+  if (group->eps_inside_sqrt() != unset.eps_inside_sqrt()) {
+    o.eps_inside_sqrt(group->eps_inside_sqrt());
+  }
+  return o;
+}
+
 // The inputs of one group's op call: every param of the group, in order, so that error messages
 // name the param's index in its group; a param without grad is passed with grad None.
 struct GroupInputs {
@@ -79,11 +103,28 @@ FusedAdagrad::FusedAdagrad(const std::vector<torch::optim::OptimizerParamGroup>&
                            FusedAdagradOptions defaults)
     : Optimizer(param_groups, std::make_unique<FusedAdagradOptions>(defaults)) {
   check_options(defaults);
+  // The base constructor went through Optimizer::add_param_group, which dropped group options.
+  for (size_t g = 0; g < param_groups.size(); ++g) {
+    if (param_groups[g].has_options()) {
+      param_groups_[g].set_options(std::make_unique<FusedAdagradOptions>(
+          merge_group_options(*defaults_, param_groups[g].options())));
+    }
+  }
   for (const auto& group : param_groups_) {
     const auto& options = static_cast<const FusedAdagradOptions&>(group.options());
     check_options(options);
     for (const auto& p : group.params()) state_for(p, options);
   }
+}
+
+void FusedAdagrad::add_param_group(const torch::optim::OptimizerParamGroup& param_group) {
+  std::optional<FusedAdagradOptions> options;
+  if (param_group.has_options()) {
+    options = merge_group_options(*defaults_, param_group.options());
+    check_options(*options);
+  }
+  Optimizer::add_param_group(param_group);  // checks the params; gives the group the defaults
+  if (options) param_groups_.back().set_options(std::make_unique<FusedAdagradOptions>(*options));
 }
 
 FusedAdagradParamState& FusedAdagrad::state_for(const torch::Tensor& p,

@@ -66,6 +66,11 @@ class FUSED_ADAGRAD_API FusedAdagrad : public torch::optim::Optimizer {
   explicit FusedAdagrad(std::vector<torch::Tensor> params, FusedAdagradOptions defaults = {})
       : FusedAdagrad({torch::optim::OptimizerParamGroup(std::move(params))}, std::move(defaults)) {}
 
+  // Hides Optimizer::add_param_group (not virtual), which in recent torch (2.13) gives any
+  // optimizer other than torch's own the defaults instead of the group's options; call it on a
+  // FusedAdagrad.
+  void add_param_group(const torch::optim::OptimizerParamGroup& param_group);
+
   // Validates every group before changing anything: a step that throws leaves every parameter
   // and every state tensor as it was.
   torch::Tensor step(LossClosure closure = nullptr) override;
@@ -106,7 +111,9 @@ namespace detail {
 // Referencing a symbol of the library from every including translation unit keeps linkers that
 // drop unused shared libraries (--as-needed) from dropping ours, and with it the op registrations.
 FUSED_ADAGRAD_API int link_anchor();
-inline const auto kLinkAnchor = &link_anchor;
+// A call, not `&link_anchor`: compilers emit an unused inline variable only when its
+// initialization has to run, so a constant address would leave no reference at all.
+inline const int kLinkAnchor = link_anchor();
 }  // namespace detail
 
 }  // namespace fused_adagrad
