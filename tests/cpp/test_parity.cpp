@@ -166,8 +166,9 @@ void low_precision_matches_torch(torch::Dtype dtype, const Hyper& h) {
   }
   EXPECT_EQ(p.scalar_type(), dtype);
   EXPECT_EQ(fused_state(ours, p).sum().scalar_type(), dtype);
-  EXPECT_TRUE(torch::allclose(p.detach().to(torch::kFloat), q.detach().to(torch::kFloat), 5e-3, 5e-3))
-      << "max abs diff " << (p.detach().to(torch::kFloat) - q.detach().to(torch::kFloat)).abs().max().item<float>();
+  const torch::Tensor p32 = p.detach().to(torch::kFloat), q32 = q.detach().to(torch::kFloat);
+  EXPECT_TRUE(torch::allclose(p32, q32, 5e-3, 5e-3))
+      << "max abs diff " << (p32 - q32).abs().max().item<float>();
   // The sums grow to ~30, where a bfloat16 ulp is already 0.8 % of the value, and torch's
   // portable build (ATEN_CPU_CAPABILITY=default) rounds after every operation: allow 2 ulp.
   const double sum_rtol = dtype == torch::kBFloat16 ? std::ldexp(1.0, -7) : std::ldexp(1.0, -10);

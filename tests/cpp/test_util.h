@@ -42,7 +42,8 @@ inline torch::optim::AdagradParamState& torch_state(torch::optim::Adagrad& opt,
 // Linear-Tanh-Linear on a fixed regression problem; the same seed gives the same weights.
 inline torch::nn::Sequential make_model(torch::Dtype dtype = torch::kFloat) {
   torch::manual_seed(0);
-  torch::nn::Sequential model(torch::nn::Linear(4, 16), torch::nn::Tanh(), torch::nn::Linear(16, 1));
+  torch::nn::Sequential model(torch::nn::Linear(4, 16), torch::nn::Tanh(),
+                              torch::nn::Linear(16, 1));
   model->to(dtype);
   return model;
 }
@@ -111,7 +112,8 @@ inline void expect_sum_matches(const torch::Tensor& ours, const torch::Tensor& r
 // ulp in the step's size, not in the result's (near zero the two differ by orders of magnitude).
 inline void expect_within_step_ulps(const torch::Tensor& ours, const torch::Tensor& other,
                                     const torch::Tensor& before, int ulps) {
-  const double unit = other.scalar_type() == torch::kFloat ? std::ldexp(1.0, -23) : std::ldexp(1.0, -52);
+  const double unit =
+      std::ldexp(1.0, other.scalar_type() == torch::kFloat ? -23 : -52);  // ulp(1)
   const torch::Tensor scale = torch::maximum(before.abs(), (other - before).abs());
   const torch::Tensor excess = (ours - other).abs() - scale * (ulps * unit);
   EXPECT_LE(excess.max().item<double>(), 0.0)
