@@ -23,18 +23,7 @@ import torch
 
 import fused_adagrad
 from fused_adagrad import FusedAdagrad
-
-
-def bert_base_shapes():
-    h, ffn, vocab, layers = 768, 3072, 30522, 12
-    shapes = [(vocab, h), (512, h), (2, h), (h,), (h,)]  # embeddings + LayerNorm
-    for _ in range(layers):
-        shapes += [(h, h), (h,)] * 4  # q, k, v, attention output
-        shapes += [(h,), (h,)]  # LayerNorm
-        shapes += [(ffn, h), (ffn,), (h, ffn), (h,)]  # feed-forward
-        shapes += [(h,), (h,)]  # LayerNorm
-    shapes += [(h, h), (h,)]  # pooler
-    return shapes
+from model_shapes import bert_base_shapes, small_shapes
 
 
 def one_billion_shapes():
@@ -46,11 +35,6 @@ def one_billion_shapes():
         shapes += [(h,), (h,), (4 * h, h), (4 * h,), (h, 4 * h), (h,)]  # LayerNorm, MLP
     shapes += [(h,), (h,)]  # final LayerNorm (the output layer shares the embedding)
     return shapes
-
-
-def small_shapes(n=1000):
-    gen = torch.Generator().manual_seed(0)
-    return [(int(s),) for s in torch.randint(64, 4096, (n,), generator=gen)]
 
 
 CASES = {
