@@ -35,8 +35,6 @@ def test_state_layout_matches_torch():
     m1, m2 = model(), model()
     ours = FusedAdagrad(m1.parameters(), lr=0.1, initial_accumulator_value=0.2)
     ref = torch.optim.Adagrad(m2.parameters(), lr=0.1, initial_accumulator_value=0.2)
-    for opt in (ours, ref):
-        pass
     s_ours, s_ref = ours.state_dict(), ref.state_dict()
     assert s_ours["state"].keys() == s_ref["state"].keys()
     for k in s_ref["state"]:

@@ -99,19 +99,35 @@ def test_bitwise_equal_to_for_loop_where_torch_paths_agree(kw, dtype):
     assert agreeing > 0, "no shape where torch's for-loop and fused=True agree: the check is empty"
 
 
-@pytest.mark.parametrize("dtype", FLOAT_TYPES + [torch.complex64])
-@pytest.mark.parametrize("shape", [(17,), (1023,), (64, 65)], ids=str)
-@pytest.mark.parametrize("kw", CONFIGS, ids=config_id)
-def test_each_step_within_2_ulp_of_for_loop(kw, shape, dtype):
-    ref = torch.randn(shape, dtype=dtype)
-    ref_opt = torch.optim.Adagrad([ref], foreach=False, **fresh(kw))
-    for g in grads(shape, dtype, 30):
+def steps_from_torch_state(ref, ref_opt, kw, grad_seq):
+    """Steps torch's optimizer over grad_seq; before each step, a FusedAdagrad is made from a copy
+    of torch's current param and state and takes the same step. Yields (ours, opt, param before)."""
+    for g in grad_seq:
         ours, before = ref.clone(), ref.clone()
         opt = FusedAdagrad([ours], **fresh(kw))
         opt.load_state_dict(copy.deepcopy(ref_opt.state_dict()))
         ours.grad, ref.grad = g.clone(), g.clone()
         opt.step()
         ref_opt.step()
+        yield ours, opt, before
+
+
+def low_precision_config(kw, dtype):
+    kw = dict(kw)
+    if dtype == torch.float16:
+        # torch's float16 for-loop rounds eps=1e-10 to 0 and divides by zero where g*g
+        # underflows; with a representable eps there is something to compare.
+        kw.setdefault("eps", 1e-4)
+    return kw
+
+
+@pytest.mark.parametrize("dtype", FLOAT_TYPES + [torch.complex64])
+@pytest.mark.parametrize("shape", [(17,), (1023,), (64, 65)], ids=str)
+@pytest.mark.parametrize("kw", CONFIGS, ids=config_id)
+def test_each_step_within_2_ulp_of_for_loop(kw, shape, dtype):
+    ref = torch.randn(shape, dtype=dtype)
+    ref_opt = torch.optim.Adagrad([ref], foreach=False, **fresh(kw))
+    for ours, opt, before in steps_from_torch_state(ref, ref_opt, kw, grads(shape, dtype, 30)):
         assert torch.equal(opt.state[ours]["sum"], ref_opt.state[ref]["sum"])
         # An ulp of the update can be two of a smaller result; bound it at the largest term.
         update = ref - before
@@ -134,24 +150,14 @@ def dtype_ulp(x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kw", CONFIGS, ids=config_id)
 def test_low_precision_each_step_close_to_for_loop(kw, dtype):
-    kw = dict(kw)
-    if dtype == torch.float16:
-        # torch's float16 for-loop rounds eps=1e-10 to 0 and divides by zero where g*g
-        # underflows; with a representable eps there is something to compare.
-        kw.setdefault("eps", 1e-4)
+    kw = low_precision_config(kw, dtype)
     # A multiple of 64 elements: torch's result for an element depends on where it sits. Its
     # vectorized loop computes g + wd * p in float; its scalar tail (the last < 64 elements)
     # rounds to the dtype after each operation, which moves `sum` by a few ulp of the dtype.
     shape = (1024,)
     ref = torch.randn(shape, dtype=dtype)
     ref_opt = torch.optim.Adagrad([ref], foreach=False, **fresh(kw))
-    for g in grads(shape, dtype, 30):
-        ours = ref.clone()
-        opt = FusedAdagrad([ours], **fresh(kw))
-        opt.load_state_dict(copy.deepcopy(ref_opt.state_dict()))
-        ours.grad, ref.grad = g.clone(), g.clone()
-        opt.step()
-        ref_opt.step()
+    for ours, opt, _ in steps_from_torch_state(ref, ref_opt, kw, grads(shape, dtype, 30)):
         for a, b in ((ours, ref), (opt.state[ours]["sum"], ref_opt.state[ref]["sum"])):
             allowed = torch.maximum(5e-3 + 5e-3 * b.float().abs(), dtype_ulp(b))
             assert ((a.float() - b.float()).abs() <= allowed).all()
@@ -160,9 +166,7 @@ def test_low_precision_each_step_close_to_for_loop(kw, dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kw", CONFIGS, ids=config_id)
 def test_low_precision_100_steps_close_to_for_loop(kw, dtype):
-    kw = dict(kw)
-    if dtype == torch.float16:
-        kw.setdefault("eps", 1e-4)
+    kw = low_precision_config(kw, dtype)
     p0 = torch.randn(1023, dtype=dtype)
     seq = grads((1023,), dtype, 100)
     loop, _ = train(lambda ps: torch.optim.Adagrad(ps, foreach=False, **fresh(kw)), p0, seq)
