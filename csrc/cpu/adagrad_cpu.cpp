@@ -48,8 +48,6 @@ KernelChoice choose_kernel() {
   const std::string want = forced ? forced : "";
 #if defined(__x86_64__)
   if ((want.empty() || want == "avx512") && cpu_has_avx512()) return {"avx512", avx512::update_range};
-#endif
-#if defined(__x86_64__)
   if ((want.empty() || want == "avx512" || want == "avx2") && cpu_has_avx2()) {
     TORCH_CHECK(want != "avx512", "FUSED_ADAGRAD_CPU_KERNEL=avx512 but this CPU or build lacks AVX-512");
     return {"avx2", avx2::update_range};
@@ -100,8 +98,6 @@ std::vector<std::string> compiled_kernel_names() {
   std::vector<std::string> names{"base"};
 #if defined(__x86_64__)
   names.emplace_back("avx2");
-#endif
-#if defined(__x86_64__)
   names.emplace_back("avx512");
 #endif
   return names;
