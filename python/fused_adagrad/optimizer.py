@@ -105,23 +105,27 @@ class FusedAdagrad(Optimizer):
             group.setdefault("eps_inside_sqrt", False)
             for p in group["params"]:
                 p_state = self.state.get(p)
-                if p_state and not torch.is_tensor(p_state.get("step")):
-                    p_state["step"] = torch.tensor(float(p_state["step"]), dtype=torch.float32)
+                step = p_state.get("step") if p_state else None
+                if step is None:
+                    continue
+                if not torch.is_tensor(step):
+                    step = torch.tensor(float(step), dtype=torch.float32)
+                if not p.is_cpu and step.device != p.device:
+                    # Checkpoints of torch.optim.Adagrad keep steps on the host; ours live with
+                    # accelerator params, so a step needs no host synchronization.
+                    step = step.to(p.device, torch.float32)
+                p_state["step"] = step
 
     def _group_inputs(self, group: dict):
-        """Every param of the group in order (errors then name its index); grad None = skipped."""
+        """Every param of the group in order (errors then name its index); grad None = skipped.
+        Runs once per group and step, so it does the least per param: list comprehensions, and
+        state is made here only for a param whose state was emptied (add_param_group made it)."""
         params = group["params"]
-        state = self.state
-        sums, steps = [], []
-        for p in params:
-            s = state.get(p) or self._init_state(p, group)
-            step = s["step"]
-            if step.device != p.device and p.device.type != "cpu":
-                # A checkpoint from torch.optim.Adagrad keeps steps on the host; ours live on the device.
-                step = s["step"] = step.to(p.device, torch.float32)
-            sums.append(s["sum"])
-            steps.append(step)
-        return params, [p.grad for p in params], sums, steps
+        states = [self.state[p] for p in params]
+        if not all(states):
+            states = [s or self._init_state(p, group) for p, s in zip(params, states)]
+        return (params, [p.grad for p in params], [s["sum"] for s in states],
+                [s["step"] for s in states])
 
     @torch.no_grad()
     def step(self, closure=None):

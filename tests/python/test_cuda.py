@@ -421,6 +421,7 @@ def test_checkpoint_from_torch_adagrad_continues():
     ours = [p.clone() for p in theirs]
     opt = FusedAdagrad(ours, lr=0.1)
     opt.load_state_dict(copy.deepcopy(opt_t.state_dict()))
+    assert all(opt.state[p]["step"].device == p.device for p in ours)  # moved for capture
     for gs in grads[5:]:
         for p, q, g in zip(ours, theirs, gs):
             p.grad, q.grad = g.clone(), g.clone()

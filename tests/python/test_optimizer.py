@@ -142,6 +142,22 @@ def test_add_param_group_mid_training_uses_its_own_initial_accumulator_value():
     assert_models_close(m1, m2)
 
 
+def test_emptied_state_is_made_again_from_the_group():
+    """A param whose state is gone (cleared by hand, or a checkpoint that never saw it) starts over
+    from its group's initial_accumulator_value, as in a fresh optimizer."""
+    m1, m2 = model(), model()
+    ours = FusedAdagrad(m1.parameters(), lr=0.1, initial_accumulator_value=0.3)
+    ref = FusedAdagrad(m2.parameters(), lr=0.1, initial_accumulator_value=0.3)
+    train(m1, ours, 2)
+    ours.state.clear()
+    for p1, p2 in zip(m1.parameters(), m2.parameters()):
+        p2.data.copy_(p1)
+    train(m1, ours, 3, seed=2)
+    train(m2, ref, 3, seed=2)
+    assert_models_close(m1, m2, rtol=0, atol=0)
+    assert all(ours.state[p]["step"].item() == 3 for p in m1.parameters())
+
+
 def test_lr_scheduler_and_tensor_lr():
     for lr in (0.1, torch.tensor(0.1)):
         m1, m2 = model(), model()
