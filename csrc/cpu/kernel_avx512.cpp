@@ -6,6 +6,8 @@
 #include <cstring>
 
 #if defined(__x86_64__)
+#include <immintrin.h>  // F16C conversions (kernel_impl.h, KERNEL_F16_LANES)
+
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,prefer-vector-width=512"))), apply_to = function)
 #else
@@ -13,6 +15,7 @@
 #endif
 #define KERNEL_NAMESPACE avx512
 #define KERNEL_HAS_FMA 1
+#define KERNEL_F16_LANES 16
 #include "kernel_impl.h"
 #if defined(__clang__)
 #pragma clang attribute pop

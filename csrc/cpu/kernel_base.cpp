@@ -6,4 +6,5 @@
 
 #define KERNEL_NAMESPACE base
 #define KERNEL_HAS_FMA 0
+#define KERNEL_F16_LANES 0
 #include "kernel_impl.h"

@@ -1,11 +1,13 @@
 // The Adagrad element update, written once. Included by kernel_{base,avx2,avx512}.cpp after
-// each selects its ISA with `#pragma GCC target`; the compiler vectorizes the loop for that ISA.
-// Everything here has internal linkage and uses builtins, not std:: templates, so no function
-// compiled for AVX-512 can be merged by the linker into the code path of an older CPU.
+// each selects its ISA with `#pragma GCC target`; the compiler vectorizes the loop for that ISA
+// (float16 alone gets hand-written vectors where the ISA converts halves, see F16Lanes).
+// Everything here has internal linkage and uses builtins and intrinsics, not std:: templates, so
+// no function compiled for AVX-512 can be merged by the linker into the code path of an older CPU.
 // The build passes -ffp-contract=off (no FMA unless written) and -fno-math-errno (lets sqrt
 // vectorize).
 
-// Included after `kernel.h` and <cstdint>, <cstring> by the including file, before its pragma.
+// Included after `kernel.h` and <cstdint>, <cstring> (and <immintrin.h> where KERNEL_F16_LANES)
+// by the including file, before its pragma.
 namespace fused_adagrad::cpu::KERNEL_NAMESPACE {
 namespace {
 
@@ -21,6 +23,18 @@ inline double fmadd(double a, double b, double c) { return a * b + c; }
 #endif
 inline float sqrt_(float x) { return __builtin_sqrtf(x); }
 inline double sqrt_(double x) { return __builtin_sqrt(x); }
+// Vectors of floats for the half loop (F16Lanes below), in builds with F16C and FMA.
+#if KERNEL_F16_LANES == 16
+using FloatLanes = __m512;
+inline FloatLanes fmadd(FloatLanes a, FloatLanes b, FloatLanes c) { return _mm512_fmadd_ps(a, b, c); }
+inline FloatLanes sqrt_(FloatLanes x) { return _mm512_sqrt_ps(x); }
+inline FloatLanes splat(float x) { return _mm512_set1_ps(x); }
+#elif KERNEL_F16_LANES == 8
+using FloatLanes = __m256;
+inline FloatLanes fmadd(FloatLanes a, FloatLanes b, FloatLanes c) { return _mm256_fmadd_ps(a, b, c); }
+inline FloatLanes sqrt_(FloatLanes x) { return _mm256_sqrt_ps(x); }
+inline FloatLanes splat(float x) { return _mm256_set1_ps(x); }
+#endif
 
 // Storage type S <-> math type M. Half and bfloat16 compute in float and round only on store.
 // `hyper` is how torch (for-loop and fused alike) turns a double hyperparameter into a value of
@@ -120,6 +134,33 @@ struct F16 {
     return bias(magnitude) + scaled;
   }
 };
+#if KERNEL_F16_LANES
+// KERNEL_F16_LANES halves at a time through the CPU's own conversions (F16C / AVX-512F): F16's
+// bit arithmetic vectorizes, but at four conversions per element the step was compute bound
+// on 2 cores. Same rounding (to nearest even) as F16 for every number; NaN payloads may differ.
+struct F16Lanes {
+  static constexpr bool kFmaWeightDecay = true;
+  static constexpr int kWidth = KERNEL_F16_LANES;
+  using M = FloatLanes;
+#if KERNEL_F16_LANES == 16
+  static M load(const uint16_t* x) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
+  }
+  static void store(uint16_t* x, M v) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(x), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+  }
+  static M round(M v) { return _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT)); }
+#else
+  static M load(const uint16_t* x) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x)));
+  }
+  static void store(uint16_t* x, M v) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(x), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+  }
+  static M round(M v) { return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT)); }
+#endif
+};
+#endif
 struct BF16 {
   static constexpr bool kFmaWeightDecay = true;
   using S = uint16_t;  // bit pattern of c10::BFloat16
@@ -147,27 +188,58 @@ struct BF16 {
 // For half and bfloat16, torch's for-loop stores each of those intermediates (g, sum, sqrt,
 // std) as a tensor of the param's dtype; T::round does the same in registers, so the numbers
 // match torch's while the arithmetic between the roundings is float.
+template <typename T, bool kMaximize, bool kWeightDecay, bool kEpsInsideSqrt, typename M>
+inline void update_element(M& p, M g, M& s, M neg_clr, M weight_decay, M eps) {
+  if constexpr (kMaximize) g = -g;
+  if constexpr (kWeightDecay) {
+    g = T::round(T::kFmaWeightDecay ? fmadd(p, weight_decay, g) : p * weight_decay + g);
+  }
+  s = T::round(fmadd(g, g, s));
+  M denom;
+  if constexpr (kEpsInsideSqrt) {
+    denom = T::round(sqrt_(T::round(s + eps)));
+  } else {
+    denom = T::round(T::round(sqrt_(s)) + eps);
+  }
+  p = p + (neg_clr * g) / denom;
+}
+
+// A storage type whose loop runs on hand-written vectors first (the rest, element by element).
+template <typename T>
+struct VectorOf {
+  static constexpr bool kExists = false;
+};
+#if KERNEL_F16_LANES
+template <>
+struct VectorOf<F16> {
+  static constexpr bool kExists = true;
+  using V = F16Lanes;
+};
+#endif
+
 template <typename T, bool kMaximize, bool kWeightDecay, bool kEpsInsideSqrt>
 void update_run(typename T::S* __restrict param, const typename T::S* __restrict grad,
                 typename T::S* __restrict sum, int64_t n, typename T::M neg_clr,
                 typename T::M weight_decay, typename T::M eps) {
   using M = typename T::M;
-  for (int64_t i = 0; i < n; ++i) {
-    M g = T::load(grad[i]);
-    if constexpr (kMaximize) g = -g;
-    M p = T::load(param[i]);
-    if constexpr (kWeightDecay) {
-      g = T::round(T::kFmaWeightDecay ? fmadd(p, weight_decay, g) : p * weight_decay + g);
+  int64_t i = 0;
+  if constexpr (VectorOf<T>::kExists) {
+    using V = typename VectorOf<T>::V;
+    const auto v_neg_clr = splat(neg_clr), v_wd = splat(weight_decay), v_eps = splat(eps);
+    for (; i + V::kWidth <= n; i += V::kWidth) {
+      auto p = V::load(param + i), s = V::load(sum + i);
+      update_element<V, kMaximize, kWeightDecay, kEpsInsideSqrt>(p, V::load(grad + i), s,
+                                                                  v_neg_clr, v_wd, v_eps);
+      V::store(sum + i, s);
+      V::store(param + i, p);
     }
-    M s = T::round(fmadd(g, g, T::load(sum[i])));
-    M denom;
-    if constexpr (kEpsInsideSqrt) {
-      denom = T::round(sqrt_(T::round(s + eps)));
-    } else {
-      denom = T::round(T::round(sqrt_(s)) + eps);
-    }
+  }
+  for (; i < n; ++i) {
+    M p = T::load(param[i]), s = T::load(sum[i]);
+    update_element<T, kMaximize, kWeightDecay, kEpsInsideSqrt>(p, T::load(grad[i]), s, neg_clr,
+                                                                weight_decay, eps);
     sum[i] = T::store(s);
-    param[i] = T::store(p + (neg_clr * g) / denom);
+    param[i] = T::store(p);
   }
 }
 

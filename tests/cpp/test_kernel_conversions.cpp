@@ -12,6 +12,7 @@
 #include "../../csrc/cpu/kernel.h"
 #define KERNEL_NAMESPACE conversions_under_test
 #define KERNEL_HAS_FMA 0
+#define KERNEL_F16_LANES 0
 #include "../../csrc/cpu/kernel_impl.h"
 
 namespace fused_adagrad::cpu::conversions_under_test {
