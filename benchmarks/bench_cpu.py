@@ -3,7 +3,7 @@
     python benchmarks/bench_cpu.py [--quick] [--out benchmarks/results]
 
 Cases: BERT-base's parameter list (built from its shapes, ~110 M params), 1000 small tensors and
-one 64 M-element tensor, in float32 and bfloat16. For each: median ms per step, GB/s at the bytes a
+one 64 M-element tensor, in float32, bfloat16 and float16. For each: median ms per step, GB/s at the bytes a
 step must move (read param, grad, sum; write param, sum), the share of a streaming-bandwidth
 probe measured in the same run, speedup over each PyTorch path, and bytes allocated by one step.
 """
@@ -113,7 +113,7 @@ def main():
     print(machine)
 
     raw = []
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for case, shapes_fn in CASES.items():
             shapes = shapes_fn()
             numel, res, probe_gbps = run_case(shapes, dtype, iters, probe)
