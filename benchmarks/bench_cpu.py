@@ -138,10 +138,10 @@ def main():
         ["| case | dtype | path | ms/step (median) | GB/s | of probe | fused-adagrad speedup | allocated per step |",
          "|---|---|---|---:|---:|---:|---:|---:|"] + rows)
     stamp = datetime.date.today().isoformat()
-    header = (f"Machine: {machine}\n"
-              f"Streaming probe (in-place add, 64 M float32, timed in turns with each case's steps): "
+    header = (f"- Machine: {machine}\n"
+              f"- Streaming probe (in-place add, 64 M float32, timed in turns with each case's steps): "
               f"{min(probes):.1f} to {max(probes):.1f} GB/s\n"
-              f"Date: {stamp}\nCommand: python benchmarks/bench_cpu.py{' --quick' if args.quick else ''}\n")
+              f"- Date: {stamp}\n- Command: python benchmarks/bench_cpu.py{' --quick' if args.quick else ''}\n")
     print("\n" + header + "\n" + table)
     os.makedirs(args.out, exist_ok=True)
     base = os.path.join(args.out, f"cpu-{stamp}")
