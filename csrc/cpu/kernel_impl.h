@@ -105,8 +105,8 @@ struct F16 {
     const uint32_t half = ((sum >> 13) & 0x7c00u) + (sum & 0x0fffu);
     return static_cast<S>(sign | (magnitude > 0x7f800000u ? 0x7e00u : half));
   }
-  // load(store(x)) without leaving float, for the intermediates torch rounds to half: a third
-  // of the work, which matters because the step does it up to four times per element.
+  // load(store(x)) without leaving float, for the intermediates torch rounds to half: fewer
+  // operations than a store and a load, and the step rounds up to four times per element.
   static M round(M f) {
     const uint32_t bits = bits_of_float(f);
     const uint32_t magnitude = bits & 0x7fffffffu;
