@@ -23,17 +23,28 @@ inline double fmadd(double a, double b, double c) { return a * b + c; }
 #endif
 inline float sqrt_(float x) { return __builtin_sqrtf(x); }
 inline double sqrt_(double x) { return __builtin_sqrt(x); }
-// Vectors of floats for the half loop (F16Lanes below), in builds with F16C and FMA.
+// Vectors of floats for the half loop (F16Lanes below), in builds with F16C and FMA: the only
+// width-specific code. Halves travel as the integer vector of the same lane count.
 #if KERNEL_F16_LANES == 16
 using FloatLanes = __m512;
+using HalfLanes = __m256i;
 inline FloatLanes fmadd(FloatLanes a, FloatLanes b, FloatLanes c) { return _mm512_fmadd_ps(a, b, c); }
 inline FloatLanes sqrt_(FloatLanes x) { return _mm512_sqrt_ps(x); }
 inline FloatLanes splat(float x) { return _mm512_set1_ps(x); }
+inline FloatLanes widen(HalfLanes h) { return _mm512_cvtph_ps(h); }
+inline HalfLanes narrow(FloatLanes v) { return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT); }
+inline HalfLanes load_halves(const void* x) { return _mm256_loadu_si256(static_cast<const HalfLanes*>(x)); }
+inline void store_halves(void* x, HalfLanes h) { _mm256_storeu_si256(static_cast<HalfLanes*>(x), h); }
 #elif KERNEL_F16_LANES == 8
 using FloatLanes = __m256;
+using HalfLanes = __m128i;
 inline FloatLanes fmadd(FloatLanes a, FloatLanes b, FloatLanes c) { return _mm256_fmadd_ps(a, b, c); }
 inline FloatLanes sqrt_(FloatLanes x) { return _mm256_sqrt_ps(x); }
 inline FloatLanes splat(float x) { return _mm256_set1_ps(x); }
+inline FloatLanes widen(HalfLanes h) { return _mm256_cvtph_ps(h); }
+inline HalfLanes narrow(FloatLanes v) { return _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT); }
+inline HalfLanes load_halves(const void* x) { return _mm_loadu_si128(static_cast<const HalfLanes*>(x)); }
+inline void store_halves(void* x, HalfLanes h) { _mm_storeu_si128(static_cast<HalfLanes*>(x), h); }
 #endif
 
 // Storage type S <-> math type M. Half and bfloat16 compute in float and round only on store.
@@ -142,23 +153,9 @@ struct F16Lanes {
   static constexpr bool kFmaWeightDecay = true;
   static constexpr int kWidth = KERNEL_F16_LANES;
   using M = FloatLanes;
-#if KERNEL_F16_LANES == 16
-  static M load(const uint16_t* x) {
-    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
-  }
-  static void store(uint16_t* x, M v) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(x), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
-  }
-  static M round(M v) { return _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT)); }
-#else
-  static M load(const uint16_t* x) {
-    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x)));
-  }
-  static void store(uint16_t* x, M v) {
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(x), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
-  }
-  static M round(M v) { return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT)); }
-#endif
+  static M load(const uint16_t* x) { return widen(load_halves(x)); }
+  static void store(uint16_t* x, M v) { store_halves(x, narrow(v)); }
+  static M round(M v) { return widen(narrow(v)); }
 };
 #endif
 struct BF16 {
