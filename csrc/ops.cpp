@@ -66,6 +66,12 @@ void adagrad_step_autograd(c10::DispatchKeySet keys, at::TensorList params,
 void check_adagrad_inputs_impl(at::TensorList params, const OptionalTensorList& grads,
                                at::TensorList sums, at::TensorList steps, double weight_decay) {
   check_inputs(params, grads, sums, steps, weight_decay);
+  // The indices of CPU sparse grads too, so that a bad index in a later group fails the step
+  // before an earlier group changed. (Reading CUDA indices here would synchronize.)
+  for (size_t i = 0; i < params.size(); ++i) {
+    const std::optional<at::Tensor> g = grads[i];
+    if (g.has_value() && g->defined() && g->is_sparse() && g->is_cpu()) sparse_grad_rows(i, *g);
+  }
 }
 
 }  // namespace

@@ -65,7 +65,28 @@ void check_inputs(at::TensorList params, const OptionalTensorList& grads, at::Te
                 " but the parameter is on ", p.device());
     TORCH_CHECK(!(g.layout() == at::kSparse && weight_decay != 0), "param ", i,
                 ": weight_decay option is not compatible with sparse gradients");
+    // torch squares a complex sparse grad as a complex number (g*g, not |g|^2): not Adagrad.
+    TORCH_CHECK(!(g.layout() == at::kSparse && p.is_complex()), "param ", i,
+                ": sparse gradients of complex parameters are not supported");
   }
+}
+
+std::vector<int64_t> sparse_grad_rows(size_t index, const at::Tensor& grad) {
+  const at::Tensor indices = grad._indices().to(at::kLong).contiguous();
+  const int64_t dims = grad.sparse_dim();
+  const int64_t nnz = grad._nnz();
+  const int64_t* idx = indices.const_data_ptr<int64_t>();
+  std::vector<int64_t> rows(nnz, 0);
+  for (int64_t d = 0; d < dims; ++d) {
+    const int64_t size = grad.size(d);
+    const int64_t* row = idx + d * nnz;
+    for (int64_t k = 0; k < nnz; ++k) {
+      TORCH_CHECK(row[k] >= 0 && row[k] < size, "param ", index, ": sparse grad index ", row[k],
+                  " (entry ", k, ") is out of range for dimension ", d, " of size ", size);
+      rows[k] = rows[k] * size + row[k];
+    }
+  }
+  return rows;
 }
 
 double neg_clr(double lr, const std::optional<at::Tensor>& lr_tensor, double step, double lr_decay) {

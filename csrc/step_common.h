@@ -18,6 +18,11 @@ double neg_clr(double lr, const std::optional<at::Tensor>& lr_tensor, double ste
 // step += 1 on a one-element host tensor; returns the new value as torch reads it (step.item()).
 double increment_host_step(const at::Tensor& step);
 
+// The table row that each value row of a sparse COO grad updates, the param seen as
+// (product of the sparse dims) rows: row ids in [0, rows). Reads the indices (CPU tensors), and
+// throws naming param `index` and the bad index when one is negative or out of range.
+std::vector<int64_t> sparse_grad_rows(size_t index, const at::Tensor& grad);
+
 // torch's sparse path: coalesce, sum += g^2 on the rows present, p -= clr * g / std on them.
 void sparse_update(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& sum,
                    double neg_clr, double eps, bool maximize, bool eps_inside_sqrt);

@@ -1,5 +1,6 @@
 // CPU implementation of fused_adagrad::adagrad_step_: validates, increments steps, then runs the
-// element update of all dense params in one parallel region split evenly over the threads.
+// element update of all dense params in one parallel region split evenly over the threads, and
+// the sparse-grad params' update over their distinct rows (no coalesce, no densified grad).
 #include "../step_common.h"
 #include "kernel.h"
 
@@ -8,6 +9,7 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -20,6 +22,7 @@ namespace {
 struct KernelChoice {
   const char* name;
   UpdateRangeFn fn;
+  SparseRangeFn sparse_fn;
 };
 
 bool cpu_has_avx512() {
@@ -47,15 +50,17 @@ KernelChoice choose_kernel() {
   const char* forced = std::getenv("FUSED_ADAGRAD_CPU_KERNEL");
   const std::string want = forced ? forced : "";
 #if defined(__x86_64__)
-  if ((want.empty() || want == "avx512") && cpu_has_avx512()) return {"avx512", avx512::update_range};
+  if ((want.empty() || want == "avx512") && cpu_has_avx512()) {
+    return {"avx512", avx512::update_range, avx512::sparse_update_range};
+  }
   if ((want.empty() || want == "avx512" || want == "avx2") && cpu_has_avx2()) {
     TORCH_CHECK(want != "avx512", "FUSED_ADAGRAD_CPU_KERNEL=avx512 but this CPU or build lacks AVX-512");
-    return {"avx2", avx2::update_range};
+    return {"avx2", avx2::update_range, avx2::sparse_update_range};
   }
 #endif
   TORCH_CHECK(want.empty() || want == "base", "FUSED_ADAGRAD_CPU_KERNEL=", want,
               " is not available on this CPU or build (choose base, avx2 or avx512)");
-  return {"base", base::update_range};
+  return {"base", base::update_range, base::sparse_update_range};
 }
 
 const KernelChoice& kernel() {
@@ -90,6 +95,70 @@ bool same_dense_layout(const at::Tensor& a, const at::Tensor& b) {
   return b.strides() == a.strides() && b.is_non_overlapping_and_dense();
 }
 
+// Value rows in order of the table row they update, ties in grad order: a stable LSD radix sort
+// on 8-bit digits of the row id, O(nnz) per digit, buffers sized by nnz (never by the table).
+std::vector<int64_t> order_by_row(const std::vector<int64_t>& row_of, int64_t rows) {
+  const size_t n = row_of.size();
+  std::vector<int64_t> order(n), next(n);
+  for (size_t k = 0; k < n; ++k) order[k] = static_cast<int64_t>(k);
+  int bits = 0;
+  while (bits < 63 && (int64_t{1} << bits) < rows) ++bits;
+  for (int shift = 0; shift < bits; shift += 8) {
+    size_t start[257] = {0};
+    for (int64_t k : order) ++start[((row_of[k] >> shift) & 255) + 1];
+    for (int d = 0; d < 256; ++d) start[d + 1] += start[d];
+    for (int64_t k : order) next[start[(row_of[k] >> shift) & 255]++] = k;
+    order.swap(next);
+  }
+  return order;
+}
+
+// One param with a sparse COO grad, laid out for kernel().sparse_fn: its distinct rows, the
+// grad's value rows in row order, and the (staged, if not contiguous) param and sum.
+struct SparseWork {
+  size_t index;
+  at::Tensor param, sum, values, scratch;  // param and sum: what the kernel updates
+  std::vector<int64_t> order, segments, rows, scratch_row;
+  SparseUpdate update;
+};
+
+SparseWork plan_sparse(size_t index, const at::Tensor& param, const at::Tensor& grad,
+                       const at::Tensor& sum, Dtype dtype, std::vector<Staged>& staged) {
+  SparseWork w;
+  w.index = index;
+  const std::vector<int64_t> row_of = sparse_grad_rows(index, grad);  // throws on a bad index
+  int64_t rows = 1;
+  for (int64_t d = 0; d < grad.sparse_dim(); ++d) rows *= grad.size(d);
+  w.order = order_by_row(row_of, rows);
+  for (size_t j = 0; j < w.order.size(); ++j) {
+    const int64_t r = row_of[w.order[j]];
+    if (j == 0 || r != w.rows.back()) {
+      w.segments.push_back(static_cast<int64_t>(j));
+      w.rows.push_back(r);
+    }
+  }
+  w.segments.push_back(static_cast<int64_t>(w.order.size()));
+  int64_t repeated = 0;  // rows seen more than once, each summed into a scratch row of its own
+  w.scratch_row.resize(w.rows.size());
+  for (size_t k = 0; k < w.rows.size(); ++k) {
+    w.scratch_row[k] = w.segments[k + 1] - w.segments[k] > 1 ? repeated++ : -1;
+  }
+
+  // The kernel addresses rows as param + row * row_len: a table that is not contiguous (rare for
+  // an embedding) is updated through contiguous copies, written back afterwards.
+  w.param = param.is_contiguous() ? param : param.contiguous();
+  w.sum = sum.is_contiguous() ? sum : sum.contiguous();
+  if (!w.param.is_same(param) || !w.sum.is_same(sum)) staged.push_back({param, sum, w.param, w.sum});
+  w.values = grad._values().contiguous();
+  const int64_t row_len = param.numel() / rows;
+  if (repeated > 0) w.scratch = at::empty({repeated, row_len}, w.values.options());
+  w.update = SparseUpdate{w.param.data_ptr(), w.sum.data_ptr(), w.values.const_data_ptr(),
+                          repeated > 0 ? w.scratch.data_ptr() : nullptr, w.scratch_row.data(),
+                          w.order.data(), w.segments.data(), w.rows.data(), row_len, dtype,
+                          0.0, 0.0, false, false};
+  return w;
+}
+
 }  // namespace
 
 const char* selected_kernel_name() { return kernel().name; }
@@ -118,8 +187,7 @@ void adagrad_step_cpu(at::TensorList params, const OptionalTensorList& grads, at
   Group groups[kNumDtypes];
   std::vector<Staged> staged;
   std::vector<at::Tensor> grad_copies;  // keeps the kernel's grad buffers alive until it is done
-  std::vector<size_t> sparse;
-  std::vector<double> sparse_neg_clr;
+  std::vector<SparseWork> sparse;
 
   // Pass 1: lay out the work (this may allocate staging copies, so it runs before any change).
   std::vector<size_t> with_grad;                 // params that take a step
@@ -130,6 +198,10 @@ void adagrad_step_cpu(at::TensorList params, const OptionalTensorList& grads, at
     if (g_opt->is_sparse() || params[i].numel() == 0) {
       with_grad.push_back(i);
       slice_of.emplace_back(-1, 0);
+      if (params[i].numel() != 0 && g_opt->_nnz() != 0) {
+        sparse.push_back(plan_sparse(i, params[i], *g_opt, sums[i],
+                                     kernel_dtype(params[i].scalar_type()), staged));
+      }
       continue;
     }
     at::Tensor p = params[i], g = *g_opt, s = sums[i];
@@ -156,14 +228,18 @@ void adagrad_step_cpu(at::TensorList params, const OptionalTensorList& grads, at
   }
 
   // Pass 2: steps and learning rates. Nothing below can fail on valid inputs.
+  size_t next_sparse = 0;
   for (size_t k = 0; k < with_grad.size(); ++k) {
     const size_t i = with_grad[k];
     const double clr = neg_clr(lr, lr_tensor, increment_host_step(steps[i]), lr_decay);
     if (slice_of[k].first >= 0) {
       groups[slice_of[k].first].slices[slice_of[k].second].neg_clr = clr;
-    } else if (params[i].numel() != 0) {
-      sparse.push_back(i);
-      sparse_neg_clr.push_back(clr);
+    } else if (next_sparse < sparse.size() && sparse[next_sparse].index == i) {
+      SparseUpdate& u = sparse[next_sparse++].update;
+      u.neg_clr = clr;
+      u.eps = eps;
+      u.maximize = maximize;
+      u.eps_inside_sqrt = eps_inside_sqrt;
     }
   }
 
@@ -177,14 +253,17 @@ void adagrad_step_cpu(at::TensorList params, const OptionalTensorList& grads, at
     });
   }
 
+  // Distinct rows over the threads, at least kGrainSize elements of work per chunk.
+  for (const SparseWork& w : sparse) {
+    const int64_t grain = std::max<int64_t>(1, kGrainSize / std::max<int64_t>(1, w.update.row_len));
+    at::parallel_for(0, static_cast<int64_t>(w.rows.size()), grain, [&](int64_t begin, int64_t end) {
+      chosen.sparse_fn(w.update, begin, end);
+    });
+  }
+
   for (const Staged& st : staged) {
     if (!st.param_work.is_same(st.param)) st.param.copy_(st.param_work);
     if (!st.sum_work.is_same(st.sum)) st.sum.copy_(st.sum_work);
-  }
-  for (size_t k = 0; k < sparse.size(); ++k) {
-    const size_t i = sparse[k];
-    const std::optional<at::Tensor> g = grads[i];
-    sparse_update(params[i], *g, sums[i], sparse_neg_clr[k], eps, maximize, eps_inside_sqrt);
   }
 }
 

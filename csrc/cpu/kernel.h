@@ -33,9 +33,42 @@ struct Update {
 
 using UpdateRangeFn = void (*)(const Update& update, int64_t begin, int64_t end);
 
+// One param with a sparse COO grad, seen as a table of rows of `row_len` elements. `values` are
+// the grad's nnz rows; `order` lists them sorted by table row (ties in grad order), and
+// order[segments[k]] .. order[segments[k + 1] - 1] are the grad rows of the k-th distinct table
+// row, `rows[k]`. A distinct row seen more than once is summed first, into scratch row
+// scratch_row[k].
+struct SparseUpdate {
+  void* param;
+  void* sum;
+  const void* values;
+  void* scratch;  // row_len elements of the param's dtype per row seen more than once
+  const int64_t* scratch_row;
+  const int64_t* order;
+  const int64_t* segments;
+  const int64_t* rows;
+  int64_t row_len;
+  Dtype dtype;
+  double neg_clr;
+  double eps;
+  bool maximize;
+  bool eps_inside_sqrt;
+};
+
+using SparseRangeFn = void (*)(const SparseUpdate& update, int64_t begin, int64_t end);
+
 // The same source (kernel_impl.h) compiled three times with different target flags.
-namespace base { void update_range(const Update&, int64_t, int64_t); }
-namespace avx2 { void update_range(const Update&, int64_t, int64_t); }
-namespace avx512 { void update_range(const Update&, int64_t, int64_t); }
+namespace base {
+void update_range(const Update&, int64_t, int64_t);
+void sparse_update_range(const SparseUpdate&, int64_t, int64_t);
+}  // namespace base
+namespace avx2 {
+void update_range(const Update&, int64_t, int64_t);
+void sparse_update_range(const SparseUpdate&, int64_t, int64_t);
+}  // namespace avx2
+namespace avx512 {
+void update_range(const Update&, int64_t, int64_t);
+void sparse_update_range(const SparseUpdate&, int64_t, int64_t);
+}  // namespace avx512
 
 }  // namespace fused_adagrad::cpu

@@ -280,7 +280,95 @@ void update_range_typed(const Update& u, int64_t begin, int64_t end) {
   }
 }
 
+// torch's sparse path (coalesce, then sparse adds) per element of a row, whose rounding differs
+// from the dense path's: sum = sum + g*g (a rounded square, then a rounded add); std = sqrt(sum)
+// + eps; p = p + (-clr) * (g / std), the last an axpy: one FMA for float and double (torch calls
+// BLAS), a product rounded to the dtype and then the add for half and bfloat16 (torch's loop).
+inline float fma_always(float a, float b, float c) { return __builtin_fmaf(a, b, c); }
+inline double fma_always(double a, double b, double c) { return __builtin_fma(a, b, c); }
+
+template <typename T, bool kMaximize, bool kEpsInsideSqrt>
+void sparse_update_row(typename T::S* __restrict param, const typename T::S* __restrict grad,
+                       typename T::S* __restrict sum, int64_t n, typename T::M neg_clr,
+                       typename T::M eps) {
+  using M = typename T::M;
+  constexpr bool kAxpyFma = sizeof(typename T::S) == sizeof(M);
+  for (int64_t i = 0; i < n; ++i) {
+    M g = T::load(grad[i]);
+    if constexpr (kMaximize) g = -g;
+    const M s = T::round(T::load(sum[i]) + T::round(g * g));
+    const M denom = kEpsInsideSqrt ? T::round(sqrt_(T::round(s + eps)))
+                                   : T::round(T::round(sqrt_(s)) + eps);
+    const M q = T::round(g / denom);
+    const M p = T::load(param[i]);
+    sum[i] = T::store(s);
+    param[i] = T::store(kAxpyFma ? fma_always(neg_clr, q, p) : p + T::round(neg_clr * q));
+  }
+}
+
+// Touched rows lie anywhere in a table far larger than the caches, and the step is bound by the
+// latency of fetching them: ask for the param, sum and grad rows a few rows ahead of their use.
+constexpr int64_t kPrefetchRows = 4;
+
+template <typename S>
+inline void prefetch_rows(const SparseUpdate& u, int64_t k) {
+  const int64_t bytes = u.row_len * static_cast<int64_t>(sizeof(S));
+  const char* p = static_cast<const char*>(u.param) + u.rows[k] * bytes;
+  const char* s = static_cast<const char*>(u.sum) + u.rows[k] * bytes;
+  const char* g = static_cast<const char*>(u.values) + u.order[u.segments[k]] * bytes;
+  for (int64_t b = 0; b < bytes; b += 64) {
+    __builtin_prefetch(p + b, 1);
+    __builtin_prefetch(s + b, 1);
+    __builtin_prefetch(g + b, 0);
+  }
+}
+
+// Distinct rows [begin, end) of a sparse step. A row's duplicates are summed in grad order (one
+// thread per row, whatever the partition), so the result does not depend on the thread count.
+template <typename T>
+void sparse_range_typed(const SparseUpdate& u, int64_t begin, int64_t end) {
+  using S = typename T::S;
+  using M = typename T::M;
+  const int64_t n = u.row_len;
+  const auto* values = static_cast<const S*>(u.values);
+  const M neg_clr = T::hyper(u.neg_clr);
+  const M eps = T::hyper(u.eps);
+  for (int64_t k = begin; k < end; ++k) {
+    if (k + kPrefetchRows < end) prefetch_rows<S>(u, k + kPrefetchRows);
+    const int64_t first = u.segments[k], last = u.segments[k + 1];
+    const S* g = values + u.order[first] * n;
+    if (last - first > 1) {
+      S* acc = static_cast<S*>(u.scratch) + u.scratch_row[k] * n;
+      for (int64_t i = 0; i < n; ++i) acc[i] = g[i];
+      for (int64_t j = first + 1; j < last; ++j) {
+        const S* v = values + u.order[j] * n;
+        for (int64_t i = 0; i < n; ++i) acc[i] = T::store(T::load(acc[i]) + T::load(v[i]));
+      }
+      g = acc;
+    }
+    S* p = static_cast<S*>(u.param) + u.rows[k] * n;
+    S* s = static_cast<S*>(u.sum) + u.rows[k] * n;
+    const int variant = (u.maximize ? 2 : 0) | (u.eps_inside_sqrt ? 1 : 0);
+    switch (variant) {
+      case 0: sparse_update_row<T, false, false>(p, g, s, n, neg_clr, eps); break;
+      case 1: sparse_update_row<T, false, true>(p, g, s, n, neg_clr, eps); break;
+      case 2: sparse_update_row<T, true, false>(p, g, s, n, neg_clr, eps); break;
+      default: sparse_update_row<T, true, true>(p, g, s, n, neg_clr, eps); break;
+    }
+  }
+}
+
 }  // namespace
+
+void sparse_update_range(const SparseUpdate& u, int64_t begin, int64_t end) {
+  switch (u.dtype) {
+    case Dtype::Float: return sparse_range_typed<F32>(u, begin, end);
+    case Dtype::Double: return sparse_range_typed<F64>(u, begin, end);
+    case Dtype::Half: return sparse_range_typed<F16>(u, begin, end);
+    case Dtype::BFloat16: return sparse_range_typed<BF16>(u, begin, end);
+    default: return;  // complex params with sparse grads are refused by check_inputs
+  }
+}
 
 void update_range(const Update& u, int64_t begin, int64_t end) {
   switch (u.dtype) {

@@ -228,8 +228,11 @@ def test_sparse_gradients_match_torch(kw):
             e(idx).pow(2).sum().backward()
             assert e.weight.grad.is_sparse
             opt.step()
-    assert torch.equal(e1.weight, e2.weight)
-    assert torch.equal(ours.state[e1.weight]["sum"], ref.state[e2.weight]["sum"])
+    # Duplicate rows are summed in grad order, torch's sqrt comes from MKL: ulps, not bits
+    # (test_sparse.py has the bitwise checks on unique rows).
+    torch.testing.assert_close(e1.weight, e2.weight, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(ours.state[e1.weight]["sum"], ref.state[e2.weight]["sum"],
+                               rtol=1e-6, atol=0)
 
 
 # ---- errors -------------------------------------------------------------------------------
