@@ -287,22 +287,44 @@ void update_range_typed(const Update& u, int64_t begin, int64_t end) {
 inline float fma_always(float a, float b, float c) { return __builtin_fmaf(a, b, c); }
 inline double fma_always(double a, double b, double c) { return __builtin_fma(a, b, c); }
 
+template <typename T, bool kAxpyFma, bool kMaximize, bool kEpsInsideSqrt, typename M>
+inline void sparse_update_element(M& p, M g, M& s, M neg_clr, M eps) {
+  if constexpr (kMaximize) g = -g;
+  s = T::round(s + T::round(g * g));
+  const M denom = kEpsInsideSqrt ? T::round(sqrt_(T::round(s + eps)))
+                                 : T::round(T::round(sqrt_(s)) + eps);
+  const M q = T::round(g / denom);
+  if constexpr (kAxpyFma) {
+    p = fma_always(neg_clr, q, p);
+  } else {
+    p = p + T::round(neg_clr * q);
+  }
+}
+
 template <typename T, bool kMaximize, bool kEpsInsideSqrt>
 void sparse_update_row(typename T::S* __restrict param, const typename T::S* __restrict grad,
                        typename T::S* __restrict sum, int64_t n, typename T::M neg_clr,
                        typename T::M eps) {
   using M = typename T::M;
-  constexpr bool kAxpyFma = sizeof(typename T::S) == sizeof(M);
-  for (int64_t i = 0; i < n; ++i) {
-    M g = T::load(grad[i]);
-    if constexpr (kMaximize) g = -g;
-    const M s = T::round(T::load(sum[i]) + T::round(g * g));
-    const M denom = kEpsInsideSqrt ? T::round(sqrt_(T::round(s + eps)))
-                                   : T::round(T::round(sqrt_(s)) + eps);
-    const M q = T::round(g / denom);
-    const M p = T::load(param[i]);
+  constexpr bool kAxpyFma = sizeof(typename T::S) == sizeof(M);  // float and double
+  int64_t i = 0;
+  if constexpr (VectorOf<T>::kExists) {
+    using V = typename VectorOf<T>::V;
+    const auto v_neg_clr = splat(neg_clr), v_eps = splat(eps);
+    for (; i + V::kWidth <= n; i += V::kWidth) {
+      auto p = V::load(param + i), s = V::load(sum + i);
+      sparse_update_element<V, kAxpyFma, kMaximize, kEpsInsideSqrt>(p, V::load(grad + i), s,
+                                                                    v_neg_clr, v_eps);
+      V::store(sum + i, s);
+      V::store(param + i, p);
+    }
+  }
+  for (; i < n; ++i) {
+    M p = T::load(param[i]), s = T::load(sum[i]);
+    sparse_update_element<T, kAxpyFma, kMaximize, kEpsInsideSqrt>(p, T::load(grad[i]), s,
+                                                                  neg_clr, eps);
     sum[i] = T::store(s);
-    param[i] = T::store(kAxpyFma ? fma_always(neg_clr, q, p) : p + T::round(neg_clr * q));
+    param[i] = T::store(p);
   }
 }
 
