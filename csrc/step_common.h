@@ -1,5 +1,6 @@
-// What every backend of the fused_adagrad::adagrad_step_ op shares: input validation, the
-// per-parameter learning rate, and the (unfused) sparse-gradient update.
+// What the backends of the fused_adagrad::adagrad_step_ op share: input validation (sparse
+// indices included), the per-parameter learning rate, and the unfused sparse-gradient update the
+// CUDA backend still uses (the CPU one has its own fused sparse kernel).
 #pragma once
 
 #include "fused_adagrad/fused_adagrad.h"
@@ -23,7 +24,7 @@ double increment_host_step(const at::Tensor& step);
 // throws naming param `index` and the bad index when one is negative or out of range.
 std::vector<int64_t> sparse_grad_rows(size_t index, const at::Tensor& grad);
 
-// torch's sparse path: coalesce, sum += g^2 on the rows present, p -= clr * g / std on them.
+// torch's sparse path (CUDA backend only): coalesce, sum += g^2 on the rows present, p -= clr * g / std on them.
 void sparse_update(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& sum,
                    double neg_clr, double eps, bool maximize, bool eps_inside_sqrt);
 
