@@ -2,7 +2,8 @@
 // device-resident step, then one multi-tensor launch per dtype (more when the tensors do not
 // fit one argument table) updates param and sum in a single pass over param, grad and sum.
 // The dense path never reads a device value on the host, so it can be captured in a CUDA graph.
-#include "../csrc/step_common.h"
+#include "../csrc/cpu/backend.h"
+#include "../csrc/plan.h"
 #include "multi_tensor_apply.cuh"
 
 #include <ATen/ATen.h>
@@ -87,7 +88,7 @@ __device__ __forceinline__ M round_to(M x) {
   return static_cast<M>(static_cast<S>(x));
 }
 
-// -lr / (1 + (step - 1) * lr_decay), rounded as step_common's neg_clr rounds it on the host.
+// -lr / (1 + (step - 1) * lr_decay), rounded as csrc/plan.h's neg_clr rounds it on the host.
 // The explicit _rn operations keep nvcc from contracting the denominator into an FMA, which
 // Python's arithmetic (and the CPU build, -ffp-contract=off) does not do.
 __device__ __forceinline__ double device_neg_clr(const LearningRate& lr, double step,
@@ -296,32 +297,20 @@ Slot dtype_slot(at::ScalarType t) {
   }
 }
 
-// One param that takes a step on a CUDA device.
-struct ParamWork {
-  size_t index;                 // in the op's lists
-  at::Tensor device_step;       // float32 on the device, read by the kernel; undefined: host step
-  at::Tensor step_copy_back;    // the user's step, when device_step is a float32 copy of it
-  at::Tensor param, grad, sum;  // what the kernel updates; undefined for sparse and empty params
-  Slot slot = kSlotF32;
-  bool sparse = false;
+// The step count of one param the kernels read: a float32 on the device (the user's step, or a
+// float32 copy of it written back afterwards), or, for a host step, the value the host counted.
+struct ParamStep {
+  at::Tensor device;     // undefined: host step
+  at::Tensor copy_back;  // the user's step, when `device` is a float32 copy of it
+  double host = 0;
 };
 
-// A user tensor the kernel cannot update in place, and the dense copy it updates instead.
-struct Staged {
-  at::Tensor user, work;
-};
-
+// What the kernels of one device need besides the plan.
 struct DeviceWork {
   at::Device device;
-  std::vector<ParamWork> params;
-  std::vector<Staged> staged;
   at::Tensor lr_on_device;  // keeps a moved or converted lr tensor alive until the launch
   LearningRate lr{};
 };
-
-bool same_dense_layout(const at::Tensor& a, const at::Tensor& b) {
-  return b.strides() == a.strides() && b.is_non_overlapping_and_dense();
-}
 
 // Where the kernels on `device` read the learning rate. A device lr tensor is read by the kernel
 // (moved to `device`, or widened to float64, by stream-ordered copies); a host one is read here.
@@ -344,133 +333,83 @@ void set_learning_rate(DeviceWork& dw, double lr, const std::optional<at::Tensor
   }
 }
 
-// Params on the CPU in a call that reached this kernel (a group mixing CPU and CUDA params, or
-// CPU params with a CUDA lr tensor) go to the CPU kernel. A CUDA lr tensor is then read on the
-// host there: a synchronization this mix cannot avoid.
-void step_cpu_params(const std::vector<size_t>& indices, at::TensorList params,
-                     const OptionalTensorList& grads, at::TensorList sums, at::TensorList steps,
-                     double lr, double lr_decay, double weight_decay, double eps, bool maximize,
-                     bool eps_inside_sqrt, const std::optional<at::Tensor>& lr_tensor) {
-  if (indices.empty()) return;
-  std::vector<at::Tensor> p, s, st;
-  OptionalTensorList g;
-  for (size_t i : indices) {
-    p.push_back(params[i]);
-    g.push_back(grads[i]);
-    s.push_back(sums[i]);
-    st.push_back(steps[i]);
-  }
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("fused_adagrad::adagrad_step_", "")
-                       .typed<void(at::TensorList, const OptionalTensorList&, at::TensorList,
-                                   at::TensorList, double, double, double, double, bool, bool,
-                                   const std::optional<at::Tensor>&)>();
-  op.redispatch(c10::DispatchKeySet(c10::DispatchKey::CPU), p, g, s, st, lr, lr_decay,
-                weight_decay, eps, maximize, eps_inside_sqrt, lr_tensor);
+// torch's sparse path, unfused (coalesce, sum += g^2 on the rows present, p -= clr * g / std):
+// it synchronizes, since coalesce needs the number of distinct indices on the host, and its
+// Scalar learning rate needs the step and a device lr on the host.
+void sparse_update(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& sum,
+                   double neg_clr, double eps, bool maximize, bool eps_inside_sqrt) {
+  // The update is non-linear in the gradient, so duplicate indices must be summed first.
+  at::Tensor g = (maximize ? grad.neg() : grad).coalesce();
+  const at::Tensor indices = g._indices();
+  const at::Tensor values = g._values();
+  auto make_sparse = [&](const at::Tensor& v) {
+    return at::sparse_coo_tensor(indices, v, g.sizes());
+  };
+  sum.add_(make_sparse(values.pow(2)));
+  at::Tensor std_values = sum.sparse_mask(g)._values();
+  std_values = eps_inside_sqrt ? std_values.add_(eps).sqrt_() : std_values.sqrt_().add_(eps);
+  param.add_(make_sparse(values / std_values), neg_clr);
 }
 
 void adagrad_step_cuda(at::TensorList params, const OptionalTensorList& grads, at::TensorList sums,
                        at::TensorList steps, double lr, double lr_decay, double weight_decay,
                        double eps, bool maximize, bool eps_inside_sqrt,
                        const std::optional<at::Tensor>& lr_tensor) {
-  check_inputs(params, grads, sums, steps, weight_decay);
-  TORCH_CHECK(!lr_tensor.has_value() || !lr_tensor->defined() || lr_tensor->numel() == 1,
-              "lr_tensor must have one element, got ", lr_tensor->numel());
+  const StepOptions options{lr, lr_decay, weight_decay, eps, maximize, eps_inside_sqrt, lr_tensor};
+  const StepPlan plan = plan_step(Variant::Elementwise, params, grads, sums, steps, weight_decay,
+                                  lr_tensor);
 
-  // Pass 1: group by device and lay out the work. This may allocate (staging copies, float32
-  // copies of steps, the lr on each device) but changes no user tensor, so a failure here
-  // leaves everything as it was.
+  // Still nothing changed: the lr on each device and float32 copies of steps (allocations).
   std::vector<DeviceWork> devices;
-  std::vector<size_t> cpu_params;
-  for (size_t i = 0; i < params.size(); ++i) {
-    const std::optional<at::Tensor> g_opt = grads[i];
-    if (!g_opt.has_value() || !g_opt->defined()) continue;  // no grad: no step, like torch
+  std::vector<ParamStep> step_of(params.size());
+  for (size_t i : plan.stepping) {
     const at::Tensor& p = params[i];
-    if (p.is_cpu()) {
-      cpu_params.push_back(i);
-      continue;
-    }
-    TORCH_CHECK(p.is_cuda(), "param ", i, ": the CUDA kernel cannot update a tensor on ",
-                p.device());
-    auto dw = std::find_if(devices.begin(), devices.end(),
-                           [&](const DeviceWork& d) { return d.device == p.device(); });
-    if (dw == devices.end()) {
+    if (p.is_cpu()) continue;
+    TORCH_CHECK(p.is_cuda(), "param ", i, ": the CUDA kernel cannot update a tensor on ", p.device());
+    c10::cuda::CUDAGuard guard(p.device());
+    if (std::none_of(devices.begin(), devices.end(),
+                     [&](const DeviceWork& d) { return d.device == p.device(); })) {
       devices.push_back(DeviceWork{p.device()});
-      dw = devices.end() - 1;
-      c10::cuda::CUDAGuard guard(dw->device);
-      set_learning_rate(*dw, lr, lr_tensor);
+      set_learning_rate(devices.back(), lr, lr_tensor);
     }
-    c10::cuda::CUDAGuard guard(dw->device);
-
-    ParamWork w;
-    w.index = i;
     const at::Tensor& st = steps[i];
     if (st.is_cuda()) {
       // The kernel reads float32 steps; torch.optim keeps them in float32, others get a copy.
-      if (st.scalar_type() == at::kFloat) {
-        w.device_step = st;
-      } else {
-        w.device_step = st.to(at::kFloat);
-        w.step_copy_back = st;
-      }
+      step_of[i].device = st.scalar_type() == at::kFloat ? st : st.to(at::kFloat);
+      if (!step_of[i].device.is_same(st)) step_of[i].copy_back = st;
     }
-    const at::Tensor& g_in = *g_opt;
-    if (g_in.is_sparse()) {
-      w.sparse = p.numel() != 0;
-    } else if (p.numel() != 0) {
-      at::Tensor pr = p, g = g_in, s = sums[i];
-      w.slot = dtype_slot(p.scalar_type());
-      if (pr.is_complex()) {
-        pr = at::view_as_real(pr);
-        g = at::view_as_real(g);
-        s = at::view_as_real(s);
-      }
-      // The kernel walks param, grad and sum as flat arrays in memory order: they must be dense
-      // and share one layout. Otherwise it updates dense copies (empty_like keeps the strides of
-      // a dense tensor), written back after the launch.
-      at::Tensor p_work = pr.is_non_overlapping_and_dense() ? pr : pr.contiguous();
-      if (!same_dense_layout(p_work, g)) g = at::empty_like(p_work).copy_(g);
-      at::Tensor s_work = same_dense_layout(p_work, s) ? s : at::empty_like(p_work).copy_(s);
-      if (!p_work.is_same(pr)) dw->staged.push_back({pr, p_work});
-      if (!s_work.is_same(s)) dw->staged.push_back({s, s_work});
-      w.param = p_work;
-      w.grad = g;
-      w.sum = s_work;
-    }
-    dw->params.push_back(std::move(w));
   }
 
-  step_cpu_params(cpu_params, params, grads, sums, steps, lr, lr_decay, weight_decay, eps,
-                  maximize, eps_inside_sqrt, lr_tensor);
+  // The CPU params of the call (a group mixing CPU and CUDA params), by the CPU backend.
+  cpu::run_plan(Variant::Elementwise, plan, params, steps, options);
 
-  // Pass 2: steps, then the update, on each device's current stream.
+  // Steps, then the update, on each device's current stream.
   for (DeviceWork& dw : devices) {
     c10::cuda::CUDAGuard guard(dw.device);
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dw.device.index()).stream();
-
-    std::vector<double> host_step(dw.params.size(), 0.0);
     std::vector<float*> device_steps;
-    for (size_t k = 0; k < dw.params.size(); ++k) {
-      const ParamWork& w = dw.params[k];
-      if (w.device_step.defined()) {
-        device_steps.push_back(w.device_step.data_ptr<float>());
+    for (size_t i : plan.stepping) {
+      if (params[i].device() != dw.device) continue;
+      ParamStep& s = step_of[i];
+      if (s.device.defined()) {
+        device_steps.push_back(s.device.data_ptr<float>());
       } else {
-        host_step[k] = increment_host_step(steps[w.index]);  // a CPU tensor: no device read
+        s.host = increment_host_step(steps[i]);  // a CPU tensor: no device read
       }
     }
     increment_device_steps(device_steps, stream);
 
     std::vector<Entry> entries[kSlots];
-    for (size_t k = 0; k < dw.params.size(); ++k) {
-      const ParamWork& w = dw.params[k];
-      if (!w.param.defined()) continue;
-      const StepRef step{
-          w.device_step.defined() ? w.device_step.const_data_ptr<float>() : nullptr,
-          host_step[k]};
-      entries[w.slot].push_back(
-          Entry{{w.param.data_ptr(), const_cast<void*>(w.grad.const_data_ptr()), w.sum.data_ptr()},
-                w.param.numel(),
-                step});
+    for (const DenseGroup& group : plan.dense) {
+      if (group.device != dw.device) continue;
+      for (const DenseParam& d : group.params) {
+        const ParamStep& s = step_of[d.index];
+        const StepRef step{s.device.defined() ? s.device.const_data_ptr<float>() : nullptr, s.host};
+        entries[dtype_slot(group.dtype)].push_back(
+            Entry{{d.param.data_ptr(), const_cast<void*>(d.grad.const_data_ptr()), d.sum.data_ptr()},
+                  d.param.numel(),
+                  step});
+      }
     }
     Hyper hyper{dw.lr, lr_decay, weight_decay, eps, maximize, eps_inside_sqrt, true};
     launch_update<float>(entries[kSlotF32], hyper, stream);
@@ -481,23 +420,18 @@ void adagrad_step_cuda(at::TensorList params, const OptionalTensorList& grads, a
     launch_update<float>(entries[kSlotC64], hyper, stream);
     launch_update<double>(entries[kSlotC128], hyper, stream);
 
-    for (const Staged& st : dw.staged) st.user.copy_(st.work);
-    for (const ParamWork& w : dw.params) {
-      if (w.step_copy_back.defined()) w.step_copy_back.copy_(w.device_step);
-    }
-
-    // Sparse grads take step_common's unfused update. It synchronizes anyway (coalesce needs
-    // the number of distinct indices on the host), and its Scalar learning rate needs the step
-    // and a device lr on the host: `.item()` waits for the increment above.
-    for (size_t k = 0; k < dw.params.size(); ++k) {
-      const ParamWork& w = dw.params[k];
-      if (!w.sparse) continue;
-      const double step = w.device_step.defined() ? w.device_step.item<double>() : host_step[k];
-      const std::optional<at::Tensor> g = grads[w.index];
-      const double clr = fused_adagrad::neg_clr(lr, lr_tensor, step, lr_decay);
-      sparse_update(params[w.index], *g, sums[w.index], clr, eps, maximize, eps_inside_sqrt);
+    for (const SparseParam& sp : plan.sparse) {
+      if (sp.param.device() != dw.device) continue;
+      const ParamStep& s = step_of[sp.index];
+      const double step = s.device.defined() ? s.device.item<double>() : s.host;
+      const double clr = neg_clr(host_learning_rate(options), step, lr_decay);
+      sparse_update(sp.param, sp.grad, sp.sum, clr, eps, maximize, eps_inside_sqrt);
     }
   }
+  for (const ParamStep& s : step_of) {
+    if (s.copy_back.defined()) s.copy_back.copy_(s.device);
+  }
+  plan.write_back();
 }
 
 }  // namespace

@@ -1,7 +1,8 @@
-// CPU implementation of fused_adagrad::adagrad_step_: validates, increments steps, then runs the
-// element update of all dense params in one parallel region split evenly over the threads, and
-// the sparse-grad params' update over their distinct rows (no coalesce, no densified grad).
-#include "../step_common.h"
+// CPU backend of the ops adagrad_step_ and rowwise_adagrad_step_: takes the plan (csrc/plan.h),
+// increments steps, then runs the update of all dense params of a dtype in one parallel region
+// split evenly over the threads, and each sparse-grad param's update over its distinct rows (no
+// coalesce, no densified grad).
+#include "backend.h"
 #include "kernel.h"
 
 #include <ATen/ATen.h>
@@ -23,6 +24,8 @@ struct KernelChoice {
   const char* name;
   UpdateRangeFn fn;
   SparseRangeFn sparse_fn;
+  RowRangeFn rowwise_fn;
+  SparseRangeFn rowwise_sparse_fn;
 };
 
 bool cpu_has_avx512() {
@@ -51,16 +54,19 @@ KernelChoice choose_kernel() {
   const std::string want = forced ? forced : "";
 #if defined(__x86_64__)
   if ((want.empty() || want == "avx512") && cpu_has_avx512()) {
-    return {"avx512", avx512::update_range, avx512::sparse_update_range};
+    return {"avx512", avx512::update_range, avx512::sparse_update_range, avx512::rowwise_update_range,
+            avx512::rowwise_sparse_update_range};
   }
   if ((want.empty() || want == "avx512" || want == "avx2") && cpu_has_avx2()) {
     TORCH_CHECK(want != "avx512", "FUSED_ADAGRAD_CPU_KERNEL=avx512 but this CPU or build lacks AVX-512");
-    return {"avx2", avx2::update_range, avx2::sparse_update_range};
+    return {"avx2", avx2::update_range, avx2::sparse_update_range, avx2::rowwise_update_range,
+            avx2::rowwise_sparse_update_range};
   }
 #endif
   TORCH_CHECK(want.empty() || want == "base", "FUSED_ADAGRAD_CPU_KERNEL=", want,
               " is not available on this CPU or build (choose base, avx2 or avx512)");
-  return {"base", base::update_range, base::sparse_update_range};
+  return {"base", base::update_range, base::sparse_update_range, base::rowwise_update_range,
+            base::rowwise_sparse_update_range};
 }
 
 const KernelChoice& kernel() {
@@ -83,18 +89,6 @@ Dtype kernel_dtype(at::ScalarType t) {
 // Below this many elements in total a step runs on the calling thread.
 constexpr int64_t kGrainSize = 32768;
 
-// A param whose param, grad and sum do not share one dense memory layout is updated through
-// contiguous copies that are written back afterwards (rare: a layout autograd never produces
-// for a plain parameter, e.g. a strided slice).
-struct Staged {
-  at::Tensor param, sum;            // the user's tensors
-  at::Tensor param_work, sum_work;  // what the kernel updated
-};
-
-bool same_dense_layout(const at::Tensor& a, const at::Tensor& b) {
-  return b.strides() == a.strides() && b.is_non_overlapping_and_dense();
-}
-
 // Value rows in order of the table row they update, ties in grad order: a stable LSD radix sort
 // on 8-bit digits of the row id, O(nnz) per digit, buffers sized by nnz (never by the table).
 std::vector<int64_t> order_by_row(const std::vector<int64_t>& row_of, int64_t rows) {
@@ -113,50 +107,138 @@ std::vector<int64_t> order_by_row(const std::vector<int64_t>& row_of, int64_t ro
   return order;
 }
 
-// One param with a sparse COO grad, laid out for kernel().sparse_fn: its distinct rows, the
-// grad's value rows in row order, and the (staged, if not contiguous) param and sum.
+// One param with a sparse COO grad, laid out for the sparse kernels: its distinct rows, the
+// grad's value rows in row order, and a scratch row for each row that repeats.
 struct SparseWork {
-  size_t index;
-  at::Tensor param, sum, values, scratch;  // param and sum: what the kernel updates
+  at::Tensor scratch;
   std::vector<int64_t> order, segments, rows, scratch_row;
   SparseUpdate update;
 };
 
-SparseWork plan_sparse(size_t index, const at::Tensor& param, const at::Tensor& grad,
-                       const at::Tensor& sum, Dtype dtype, std::vector<Staged>& staged) {
+SparseWork sparse_work(Variant variant, const SparseParam& sp) {
   SparseWork w;
-  w.index = index;
-  const std::vector<int64_t> row_of = sparse_grad_rows(index, grad);  // throws on a bad index
-  int64_t rows = 1;
-  for (int64_t d = 0; d < grad.sparse_dim(); ++d) rows *= grad.size(d);
-  w.order = order_by_row(row_of, rows);
+  w.order = order_by_row(sp.row_of, sp.row_count);
   for (size_t j = 0; j < w.order.size(); ++j) {
-    const int64_t r = row_of[w.order[j]];
+    const int64_t r = sp.row_of[w.order[j]];
     if (j == 0 || r != w.rows.back()) {
       w.segments.push_back(static_cast<int64_t>(j));
       w.rows.push_back(r);
     }
   }
   w.segments.push_back(static_cast<int64_t>(w.order.size()));
-  int64_t repeated = 0;  // rows seen more than once, each summed into a scratch row of its own
+  int64_t repeated = 0;
   w.scratch_row.resize(w.rows.size());
   for (size_t k = 0; k < w.rows.size(); ++k) {
     w.scratch_row[k] = w.segments[k + 1] - w.segments[k] > 1 ? repeated++ : -1;
   }
-
-  // The kernel addresses rows as param + row * row_len: a table that is not contiguous (rare for
-  // an embedding) is updated through contiguous copies, written back afterwards.
-  w.param = param.is_contiguous() ? param : param.contiguous();
-  w.sum = sum.is_contiguous() ? sum : sum.contiguous();
-  if (!w.param.is_same(param) || !w.sum.is_same(sum)) staged.push_back({param, sum, w.param, w.sum});
-  w.values = grad._values().contiguous();
-  const int64_t row_len = param.numel() / rows;
-  if (repeated > 0) w.scratch = at::empty({repeated, row_len}, w.values.options());
-  w.update = SparseUpdate{w.param.data_ptr(), w.sum.data_ptr(), w.values.const_data_ptr(),
+  // Element-wise sums duplicates in the param's dtype (as torch's coalesce), row-wise in its
+  // math type.
+  const at::ScalarType acc_dtype = variant == Variant::Elementwise
+                                       ? sp.values.scalar_type()
+                                       : rowwise_sum_dtype(sp.values.scalar_type());
+  if (repeated > 0) w.scratch = at::empty({repeated, sp.row_len}, sp.values.options().dtype(acc_dtype));
+  w.update = SparseUpdate{sp.param.data_ptr(), sp.sum.data_ptr(), sp.values.const_data_ptr(),
                           repeated > 0 ? w.scratch.data_ptr() : nullptr, w.scratch_row.data(),
-                          w.order.data(), w.segments.data(), w.rows.data(), row_len, dtype,
-                          0.0, 0.0, false, false};
+                          w.order.data(), w.segments.data(), w.rows.data(), sp.row_len,
+                          kernel_dtype(sp.param.scalar_type()), 0.0, 0.0, 0.0, false, false};
   return w;
+}
+
+// The element index space of one dense group: the cumulative element counts of its params.
+std::vector<int64_t> element_ends(const DenseGroup& group) {
+  std::vector<int64_t> ends;
+  ends.reserve(group.params.size());
+  int64_t total = 0;
+  for (const DenseParam& d : group.params) ends.push_back(total += d.param.numel());
+  return ends;
+}
+
+}  // namespace
+
+void run_plan(Variant variant, const StepPlan& plan, at::TensorList params, at::TensorList steps,
+              const StepOptions& o) {
+  const KernelChoice& chosen = kernel();  // may throw for a bad override: still nothing changed
+  std::vector<SparseWork> sparse;
+  for (const SparseParam& sp : plan.sparse) {
+    if (sp.param.is_cpu()) sparse.push_back(sparse_work(variant, sp));
+  }
+
+  // Steps and learning rates: nothing below can fail.
+  const HostLearningRate lr = host_learning_rate(o);
+  std::vector<double> neg_clrs(params.size(), 0.0);
+  for (size_t i : plan.stepping) {
+    if (params[i].is_cpu()) {
+      neg_clrs[i] = neg_clr(lr, increment_host_step(steps[i]), o.lr_decay);
+    }
+  }
+
+  // One parallel region per dtype present (usually one), split evenly by elements.
+  for (const DenseGroup& group : plan.dense) {
+    if (!group.device.is_cpu()) continue;
+    const std::vector<int64_t> ends = element_ends(group);
+    const Dtype dtype = kernel_dtype(group.dtype);
+    if (variant == Variant::Elementwise) {
+      std::vector<Slice> slices;
+      for (const DenseParam& d : group.params) {
+        slices.push_back({d.param.data_ptr(), d.grad.const_data_ptr(), d.sum.data_ptr(), neg_clrs[d.index]});
+      }
+      const Update update{slices.data(), ends.data(), static_cast<int64_t>(slices.size()), dtype,
+                          o.weight_decay, o.eps, o.maximize, o.eps_inside_sqrt};
+      at::parallel_for(0, ends.back(), kGrainSize,
+                       [&](int64_t begin, int64_t end) { chosen.fn(update, begin, end); });
+    } else {
+      std::vector<RowSlice> slices;
+      for (const DenseParam& d : group.params) {
+        slices.push_back({d.param.data_ptr(), d.grad.const_data_ptr(), d.sum.data_ptr(), d.row_len,
+                          neg_clrs[d.index]});
+      }
+      const RowUpdate update{slices.data(), ends.data(), static_cast<int64_t>(slices.size()), dtype,
+                             o.weight_decay, o.eps, o.maximize, o.eps_inside_sqrt};
+      at::parallel_for(0, ends.back(), kGrainSize,
+                       [&](int64_t begin, int64_t end) { chosen.rowwise_fn(update, begin, end); });
+    }
+  }
+
+  // Distinct rows over the threads, at least kGrainSize elements of work per chunk.
+  size_t next = 0;
+  for (const SparseParam& sp : plan.sparse) {
+    if (!sp.param.is_cpu()) continue;
+    SparseWork& w = sparse[next++];
+    w.update.neg_clr = neg_clrs[sp.index];
+    w.update.weight_decay = variant == Variant::RowWise ? o.weight_decay : 0.0;
+    w.update.eps = o.eps;
+    w.update.maximize = o.maximize;
+    w.update.eps_inside_sqrt = o.eps_inside_sqrt;
+    const SparseRangeFn fn = variant == Variant::Elementwise ? chosen.sparse_fn : chosen.rowwise_sparse_fn;
+    const int64_t grain = std::max<int64_t>(1, kGrainSize / std::max<int64_t>(1, sp.row_len));
+    at::parallel_for(0, static_cast<int64_t>(w.rows.size()), grain,
+                     [&](int64_t begin, int64_t end) { fn(w.update, begin, end); });
+  }
+}
+
+namespace {
+
+void step_cpu(Variant variant, at::TensorList params, const OptionalTensorList& grads,
+              at::TensorList sums, at::TensorList steps, const StepOptions& o) {
+  const StepPlan plan = plan_step(variant, params, grads, sums, steps, o.weight_decay, o.lr_tensor);
+  run_plan(variant, plan, params, steps, o);
+  plan.write_back();
+}
+
+void adagrad_step_cpu(at::TensorList params, const OptionalTensorList& grads, at::TensorList sums,
+                      at::TensorList steps, double lr, double lr_decay, double weight_decay,
+                      double eps, bool maximize, bool eps_inside_sqrt,
+                      const std::optional<at::Tensor>& lr_tensor) {
+  step_cpu(Variant::Elementwise, params, grads, sums, steps,
+           {lr, lr_decay, weight_decay, eps, maximize, eps_inside_sqrt, lr_tensor});
+}
+
+void rowwise_adagrad_step_cpu(at::TensorList params, const OptionalTensorList& grads,
+                              at::TensorList sums, at::TensorList steps, double lr,
+                              double lr_decay, double weight_decay, double eps, bool maximize,
+                              bool eps_inside_sqrt, const std::optional<at::Tensor>& lr_tensor) {
+  step_cpu(Variant::RowWise, params, grads, sums, steps,
+           {lr, lr_decay, weight_decay, eps, maximize, eps_inside_sqrt, lr_tensor});
 }
 
 }  // namespace
@@ -172,105 +254,13 @@ std::vector<std::string> compiled_kernel_names() {
   return names;
 }
 
-void adagrad_step_cpu(at::TensorList params, const OptionalTensorList& grads, at::TensorList sums,
-                      at::TensorList steps, double lr, double lr_decay, double weight_decay,
-                      double eps, bool maximize, bool eps_inside_sqrt,
-                      const std::optional<at::Tensor>& lr_tensor) {
-  check_inputs(params, grads, sums, steps, weight_decay);
-  const KernelChoice& chosen = kernel();  // may throw for a bad override: still nothing changed
-
-  // Slices per dtype; one parallel region per dtype present (usually one).
-  struct Group {
-    std::vector<Slice> slices;
-    std::vector<int64_t> ends;
-  };
-  Group groups[kNumDtypes];
-  std::vector<Staged> staged;
-  std::vector<at::Tensor> grad_copies;  // keeps the kernel's grad buffers alive until it is done
-  std::vector<SparseWork> sparse;
-
-  // Pass 1: lay out the work (this may allocate staging copies, so it runs before any change).
-  std::vector<size_t> with_grad;                 // params that take a step
-  std::vector<std::pair<int, size_t>> slice_of;  // their (dtype group, slice) or (-1, 0)
-  for (size_t i = 0; i < params.size(); ++i) {
-    const std::optional<at::Tensor> g_opt = grads[i];
-    if (!g_opt.has_value() || !g_opt->defined()) continue;  // no grad: no step, like torch
-    if (g_opt->is_sparse() || params[i].numel() == 0) {
-      with_grad.push_back(i);
-      slice_of.emplace_back(-1, 0);
-      if (params[i].numel() != 0 && g_opt->_nnz() != 0) {
-        sparse.push_back(plan_sparse(i, params[i], *g_opt, sums[i],
-                                     kernel_dtype(params[i].scalar_type()), staged));
-      }
-      continue;
-    }
-    at::Tensor p = params[i], g = *g_opt, s = sums[i];
-    const int d = static_cast<int>(kernel_dtype(p.scalar_type()));
-    if (p.is_complex()) {
-      p = at::view_as_real(p);
-      g = at::view_as_real(g);
-      s = at::view_as_real(s);
-    }
-    at::Tensor p_work = p.is_non_overlapping_and_dense() ? p : p.contiguous();
-    // empty_like of a dense tensor keeps its strides, so all three then share one layout.
-    if (!same_dense_layout(p_work, g)) {
-      g = at::empty_like(p_work).copy_(g);
-      grad_copies.push_back(g);
-    }
-    at::Tensor s_work = same_dense_layout(p_work, s) ? s : at::empty_like(p_work).copy_(s);
-    if (!p_work.is_same(p) || !s_work.is_same(s)) staged.push_back({p, s, p_work, s_work});
-
-    Group& grp = groups[d];
-    grp.slices.push_back({p_work.data_ptr(), g.data_ptr(), s_work.data_ptr(), 0.0});
-    grp.ends.push_back((grp.ends.empty() ? 0 : grp.ends.back()) + p_work.numel());
-    with_grad.push_back(i);
-    slice_of.emplace_back(d, grp.slices.size() - 1);
-  }
-
-  // Pass 2: steps and learning rates. Nothing below can fail on valid inputs.
-  size_t next_sparse = 0;
-  for (size_t k = 0; k < with_grad.size(); ++k) {
-    const size_t i = with_grad[k];
-    const double clr = neg_clr(lr, lr_tensor, increment_host_step(steps[i]), lr_decay);
-    if (slice_of[k].first >= 0) {
-      groups[slice_of[k].first].slices[slice_of[k].second].neg_clr = clr;
-    } else if (next_sparse < sparse.size() && sparse[next_sparse].index == i) {
-      SparseUpdate& u = sparse[next_sparse++].update;
-      u.neg_clr = clr;
-      u.eps = eps;
-      u.maximize = maximize;
-      u.eps_inside_sqrt = eps_inside_sqrt;
-    }
-  }
-
-  for (int d = 0; d < kNumDtypes; ++d) {
-    Group& grp = groups[d];
-    if (grp.slices.empty()) continue;
-    const Update update{grp.slices.data(), grp.ends.data(), static_cast<int64_t>(grp.slices.size()),
-                        static_cast<Dtype>(d), weight_decay, eps, maximize, eps_inside_sqrt};
-    at::parallel_for(0, grp.ends.back(), kGrainSize, [&](int64_t begin, int64_t end) {
-      chosen.fn(update, begin, end);
-    });
-  }
-
-  // Distinct rows over the threads, at least kGrainSize elements of work per chunk.
-  for (const SparseWork& w : sparse) {
-    const int64_t grain = std::max<int64_t>(1, kGrainSize / std::max<int64_t>(1, w.update.row_len));
-    at::parallel_for(0, static_cast<int64_t>(w.rows.size()), grain, [&](int64_t begin, int64_t end) {
-      chosen.sparse_fn(w.update, begin, end);
-    });
-  }
-
-  for (const Staged& st : staged) {
-    if (!st.param_work.is_same(st.param)) st.param.copy_(st.param_work);
-    if (!st.sum_work.is_same(st.sum)) st.sum.copy_(st.sum_work);
-  }
-}
-
-TORCH_LIBRARY_IMPL(fused_adagrad, CPU, m) { m.impl("adagrad_step_", &adagrad_step_cpu); }
 // A sparse grad in the list makes the dispatcher pick the sparse key; the same code handles it
 // (COO) or rejects it naming the param (CSR and other compressed layouts).
-TORCH_LIBRARY_IMPL(fused_adagrad, SparseCPU, m) { m.impl("adagrad_step_", &adagrad_step_cpu); }
-TORCH_LIBRARY_IMPL(fused_adagrad, SparseCsrCPU, m) { m.impl("adagrad_step_", &adagrad_step_cpu); }
+#define FUSED_ADAGRAD_CPU_IMPLS(m)                                     \
+  m.impl("adagrad_step_", &adagrad_step_cpu);                          \
+  m.impl("rowwise_adagrad_step_", &rowwise_adagrad_step_cpu)
+TORCH_LIBRARY_IMPL(fused_adagrad, CPU, m) { FUSED_ADAGRAD_CPU_IMPLS(m); }
+TORCH_LIBRARY_IMPL(fused_adagrad, SparseCPU, m) { FUSED_ADAGRAD_CPU_IMPLS(m); }
+TORCH_LIBRARY_IMPL(fused_adagrad, SparseCsrCPU, m) { FUSED_ADAGRAD_CPU_IMPLS(m); }
 
 }  // namespace fused_adagrad::cpu

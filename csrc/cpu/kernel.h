@@ -1,4 +1,5 @@
-// Interface between the CPU op (csrc/cpu/adagrad_cpu.cpp) and the SIMD builds of the kernel.
+// Interface between the CPU backend (csrc/cpu/adagrad_cpu.cpp) and the SIMD builds of the
+// kernels: element-wise and row-wise Adagrad, each for dense and for sparse grads.
 #pragma once
 
 #include <cstdint>
@@ -37,12 +38,14 @@ using UpdateRangeFn = void (*)(const Update& update, int64_t begin, int64_t end)
 // the grad's nnz rows; `order` lists them sorted by table row (ties in grad order), and
 // order[segments[k]] .. order[segments[k + 1] - 1] are the grad rows of the k-th distinct table
 // row, `rows[k]`. A distinct row seen more than once is summed first, into scratch row
-// scratch_row[k].
+// scratch_row[k]. Row-wise: `sum` holds one value per table row (of the math type: float, or
+// double for double), the scratch rows are of the math type too, and weight decay applies to the
+// touched rows.
 struct SparseUpdate {
   void* param;
   void* sum;
   const void* values;
-  void* scratch;  // row_len elements of the param's dtype per row seen more than once
+  void* scratch;  // row_len elements per row seen more than once
   const int64_t* scratch_row;
   const int64_t* order;
   const int64_t* segments;
@@ -50,6 +53,7 @@ struct SparseUpdate {
   int64_t row_len;
   Dtype dtype;
   double neg_clr;
+  double weight_decay;  // row-wise only (element-wise Adagrad refuses it with sparse grads)
   double eps;
   bool maximize;
   bool eps_inside_sqrt;
@@ -57,18 +61,49 @@ struct SparseUpdate {
 
 using SparseRangeFn = void (*)(const SparseUpdate& update, int64_t begin, int64_t end);
 
+// Row-wise Adagrad, dense grads: one param's rows of `row_len` contiguous elements, and its sum,
+// one value of the math type per row.
+struct RowSlice {
+  void* param;
+  const void* grad;
+  void* sum;
+  int64_t row_len;
+  double neg_clr;
+};
+
+// All row-wise dense params of one dtype. As for Update, their elements form one index space;
+// a range of it updates the rows whose first element lies in the range.
+struct RowUpdate {
+  const RowSlice* slices;
+  const int64_t* ends;  // cumulative element counts
+  int64_t count;
+  Dtype dtype;
+  double weight_decay;
+  double eps;
+  bool maximize;
+  bool eps_inside_sqrt;
+};
+
+using RowRangeFn = void (*)(const RowUpdate& update, int64_t begin, int64_t end);
+
 // The same source (kernel_impl.h) compiled three times with different target flags.
 namespace base {
 void update_range(const Update&, int64_t, int64_t);
 void sparse_update_range(const SparseUpdate&, int64_t, int64_t);
+void rowwise_update_range(const RowUpdate&, int64_t, int64_t);
+void rowwise_sparse_update_range(const SparseUpdate&, int64_t, int64_t);
 }  // namespace base
 namespace avx2 {
 void update_range(const Update&, int64_t, int64_t);
 void sparse_update_range(const SparseUpdate&, int64_t, int64_t);
+void rowwise_update_range(const RowUpdate&, int64_t, int64_t);
+void rowwise_sparse_update_range(const SparseUpdate&, int64_t, int64_t);
 }  // namespace avx2
 namespace avx512 {
 void update_range(const Update&, int64_t, int64_t);
 void sparse_update_range(const SparseUpdate&, int64_t, int64_t);
+void rowwise_update_range(const RowUpdate&, int64_t, int64_t);
+void rowwise_sparse_update_range(const SparseUpdate&, int64_t, int64_t);
 }  // namespace avx512
 
 }  // namespace fused_adagrad::cpu

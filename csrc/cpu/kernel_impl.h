@@ -333,51 +333,180 @@ void sparse_update_row(typename T::S* __restrict param, const typename T::S* __r
 constexpr int64_t kPrefetchRows = 4;
 
 template <typename S>
-inline void prefetch_rows(const SparseUpdate& u, int64_t k) {
+inline void prefetch_rows(const SparseUpdate& u, int64_t k, int64_t sum_row_bytes) {
   const int64_t bytes = u.row_len * static_cast<int64_t>(sizeof(S));
   const char* p = static_cast<const char*>(u.param) + u.rows[k] * bytes;
-  const char* s = static_cast<const char*>(u.sum) + u.rows[k] * bytes;
+  const char* s = static_cast<const char*>(u.sum) + u.rows[k] * sum_row_bytes;
   const char* g = static_cast<const char*>(u.values) + u.order[u.segments[k]] * bytes;
   for (int64_t b = 0; b < bytes; b += 64) {
     __builtin_prefetch(p + b, 1);
-    __builtin_prefetch(s + b, 1);
     __builtin_prefetch(g + b, 0);
+  }
+  for (int64_t b = 0; b < sum_row_bytes; b += 64) __builtin_prefetch(s + b, 1);
+}
+
+// Sums duplicate value rows of sparse grads in grad order, and prefetches the rows ahead: both
+// kernels for sparse grads walk distinct rows this way, and differ only in the row update.
+// `Acc` is the type duplicates are summed in (the param's dtype for element-wise, as torch's
+// coalesce sums; the math type for row-wise); `update_row(k, grad_row, grad_is_acc)`.
+template <typename T, typename Acc, typename LoadAcc, typename StoreAcc, typename RowFn>
+inline void for_each_distinct_row(const SparseUpdate& u, int64_t begin, int64_t end,
+                                  int64_t sum_row_bytes, LoadAcc load_acc, StoreAcc store_acc,
+                                  RowFn update_row) {
+  using S = typename T::S;
+  const int64_t n = u.row_len;
+  const auto* values = static_cast<const S*>(u.values);
+  for (int64_t k = begin; k < end; ++k) {
+    if (k + kPrefetchRows < end) prefetch_rows<S>(u, k + kPrefetchRows, sum_row_bytes);
+    const int64_t first = u.segments[k], last = u.segments[k + 1];
+    const S* g = values + u.order[first] * n;
+    if (last - first == 1) {
+      update_row(k, static_cast<const void*>(g), false);
+      continue;
+    }
+    Acc* acc = static_cast<Acc*>(u.scratch) + u.scratch_row[k] * n;
+    for (int64_t i = 0; i < n; ++i) acc[i] = store_acc(T::load(g[i]));
+    for (int64_t j = first + 1; j < last; ++j) {
+      const S* v = values + u.order[j] * n;
+      for (int64_t i = 0; i < n; ++i) acc[i] = store_acc(load_acc(acc[i]) + T::load(v[i]));
+    }
+    update_row(k, static_cast<const void*>(acc), true);
   }
 }
 
-// Distinct rows [begin, end) of a sparse step. A row's duplicates are summed in grad order (one
-// thread per row, whatever the partition), so the result does not depend on the thread count.
+// ---------------------------------------------------------------------------------------------
+// Row-wise Adagrad (FBGEMM's EXACT_ROWWISE_ADAGRAD, with torch's options), one row of dim 0 at
+// a time, all arithmetic in the math type M (float; double for double) and nothing rounded to
+// the param's dtype before the store:
+//   g = maximize ? -grad : grad;  g = g + wd * p  (a rounded product, then the add);
+//   mean = (sum of g * g over the row) / row_len;  m = m + mean;
+//   denom = sqrt(m) + eps, or sqrt(m + eps);  scale = neg_clr / denom;  p = p + scale * g.
+// The squares are summed in kRowLanes interleaved lanes (element e into lane e % kRowLanes, each
+// a rounded square then a rounded add), then ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)):
+// one fixed order, so the result is the same on every ISA and thread count, and a plain PyTorch
+// reference can reproduce it bitwise (tests/python/test_rowwise.py).
+constexpr int kRowLanes = 8;
+
+template <typename T, bool kGradIsMath, bool kMaximize, bool kWeightDecay, bool kEpsInsideSqrt>
+void rowwise_update_row(typename T::S* __restrict param, const void* __restrict grad,
+                        typename T::M* __restrict m, int64_t n, typename T::M neg_clr,
+                        typename T::M weight_decay, typename T::M eps) {
+  using S = typename T::S;
+  using M = typename T::M;
+  auto g_at = [&](int64_t i) -> M {
+    M g = kGradIsMath ? static_cast<const M*>(grad)[i] : T::load(static_cast<const S*>(grad)[i]);
+    if constexpr (kMaximize) g = -g;
+    if constexpr (kWeightDecay) g = g + weight_decay * T::load(param[i]);
+    return g;
+  };
+  M lane[kRowLanes] = {};
+  int64_t i = 0;
+  for (; i + kRowLanes <= n; i += kRowLanes) {
+    for (int j = 0; j < kRowLanes; ++j) {
+      const M g = g_at(i + j);
+      lane[j] = lane[j] + g * g;
+    }
+  }
+  for (int j = 0; i + j < n; ++j) {
+    const M g = g_at(i + j);
+    lane[j] = lane[j] + g * g;
+  }
+  const M total = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+  const M acc = *m + total / static_cast<M>(n);
+  *m = acc;
+  const M denom = kEpsInsideSqrt ? sqrt_(acc + eps) : sqrt_(acc) + eps;
+  const M scale = neg_clr / denom;
+  for (i = 0; i < n; ++i) {
+    const M g = g_at(i);
+    param[i] = T::store(T::load(param[i]) + scale * g);
+  }
+}
+
+// The variant of the row update for these options, as a function pointer (8 x 2 instances).
+template <typename T, bool kGradIsMath>
+auto rowwise_row_fn(bool maximize, bool weight_decay, bool eps_inside_sqrt) {
+  using Fn = void (*)(typename T::S*, const void*, typename T::M*, int64_t, typename T::M,
+                      typename T::M, typename T::M);
+  const int variant = (maximize ? 4 : 0) | (weight_decay ? 2 : 0) | (eps_inside_sqrt ? 1 : 0);
+  constexpr Fn fns[8] = {
+      rowwise_update_row<T, kGradIsMath, false, false, false>,
+      rowwise_update_row<T, kGradIsMath, false, false, true>,
+      rowwise_update_row<T, kGradIsMath, false, true, false>,
+      rowwise_update_row<T, kGradIsMath, false, true, true>,
+      rowwise_update_row<T, kGradIsMath, true, false, false>,
+      rowwise_update_row<T, kGradIsMath, true, false, true>,
+      rowwise_update_row<T, kGradIsMath, true, true, false>,
+      rowwise_update_row<T, kGradIsMath, true, true, true>};
+  return fns[variant];
+}
+
+template <typename T>
+void rowwise_range_typed(const RowUpdate& u, int64_t begin, int64_t end) {
+  using S = typename T::S;
+  using M = typename T::M;
+  const auto row = rowwise_row_fn<T, false>(u.maximize, u.weight_decay != 0, u.eps_inside_sqrt);
+  const M wd = static_cast<M>(u.weight_decay), eps = static_cast<M>(u.eps);
+  for (int64_t k = 0; k < u.count; ++k) {
+    const int64_t start = k == 0 ? 0 : u.ends[k - 1];
+    if (u.ends[k] <= begin) continue;
+    if (start >= end) break;
+    const RowSlice& sl = u.slices[k];
+    const int64_t n = sl.row_len, rows = (u.ends[k] - start) / n;
+    // Rows whose first element, start + r * n, lies in [begin, end).
+    const int64_t first = begin <= start ? 0 : (begin - start + n - 1) / n;
+    const int64_t last = end - start >= rows * n ? rows : (end - start + n - 1) / n;
+    const M neg_clr = static_cast<M>(sl.neg_clr);
+    for (int64_t r = first; r < last; ++r) {
+      row(static_cast<S*>(sl.param) + r * n, static_cast<const S*>(sl.grad) + r * n,
+          static_cast<M*>(sl.sum) + r, n, neg_clr, wd, eps);
+    }
+  }
+}
+
+template <typename T>
+void rowwise_sparse_range_typed(const SparseUpdate& u, int64_t begin, int64_t end) {
+  using S = typename T::S;
+  using M = typename T::M;
+  const bool wd_on = u.weight_decay != 0;
+  const auto direct = rowwise_row_fn<T, false>(u.maximize, wd_on, u.eps_inside_sqrt);
+  const auto summed = rowwise_row_fn<T, true>(u.maximize, wd_on, u.eps_inside_sqrt);
+  const M neg_clr = static_cast<M>(u.neg_clr);
+  const M wd = static_cast<M>(u.weight_decay), eps = static_cast<M>(u.eps);
+  const int64_t n = u.row_len;
+  for_each_distinct_row<T, M>(
+      u, begin, end, sizeof(M), [](M x) { return x; }, [](M x) { return x; },
+      [&](int64_t k, const void* g, bool is_sum) {
+        S* p = static_cast<S*>(u.param) + u.rows[k] * n;
+        M* m = static_cast<M*>(u.sum) + u.rows[k];
+        (is_sum ? summed : direct)(p, g, m, n, neg_clr, wd, eps);
+      });
+}
+
+// Element-wise Adagrad on distinct rows [begin, end) of a sparse step. A row's duplicates are
+// summed in grad order (one thread per row, whatever the partition), so the result does not
+// depend on the thread count.
 template <typename T>
 void sparse_range_typed(const SparseUpdate& u, int64_t begin, int64_t end) {
   using S = typename T::S;
   using M = typename T::M;
   const int64_t n = u.row_len;
-  const auto* values = static_cast<const S*>(u.values);
   const M neg_clr = T::hyper(u.neg_clr);
   const M eps = T::hyper(u.eps);
-  for (int64_t k = begin; k < end; ++k) {
-    if (k + kPrefetchRows < end) prefetch_rows<S>(u, k + kPrefetchRows);
-    const int64_t first = u.segments[k], last = u.segments[k + 1];
-    const S* g = values + u.order[first] * n;
-    if (last - first > 1) {
-      S* acc = static_cast<S*>(u.scratch) + u.scratch_row[k] * n;
-      for (int64_t i = 0; i < n; ++i) acc[i] = g[i];
-      for (int64_t j = first + 1; j < last; ++j) {
-        const S* v = values + u.order[j] * n;
-        for (int64_t i = 0; i < n; ++i) acc[i] = T::store(T::load(acc[i]) + T::load(v[i]));
-      }
-      g = acc;
-    }
-    S* p = static_cast<S*>(u.param) + u.rows[k] * n;
-    S* s = static_cast<S*>(u.sum) + u.rows[k] * n;
-    const int variant = (u.maximize ? 2 : 0) | (u.eps_inside_sqrt ? 1 : 0);
-    switch (variant) {
-      case 0: sparse_update_row<T, false, false>(p, g, s, n, neg_clr, eps); break;
-      case 1: sparse_update_row<T, false, true>(p, g, s, n, neg_clr, eps); break;
-      case 2: sparse_update_row<T, true, false>(p, g, s, n, neg_clr, eps); break;
-      default: sparse_update_row<T, true, true>(p, g, s, n, neg_clr, eps); break;
-    }
-  }
+  const int variant = (u.maximize ? 2 : 0) | (u.eps_inside_sqrt ? 1 : 0);
+  // torch's coalesce sums duplicates in the param's dtype.
+  for_each_distinct_row<T, S>(
+      u, begin, end, n * static_cast<int64_t>(sizeof(S)), [](S x) { return T::load(x); }, [](M x) { return T::store(x); },
+      [&](int64_t k, const void* grad, bool) {
+        const S* g = static_cast<const S*>(grad);
+        S* p = static_cast<S*>(u.param) + u.rows[k] * n;
+        S* s = static_cast<S*>(u.sum) + u.rows[k] * n;
+        switch (variant) {
+          case 0: return sparse_update_row<T, false, false>(p, g, s, n, neg_clr, eps);
+          case 1: return sparse_update_row<T, false, true>(p, g, s, n, neg_clr, eps);
+          case 2: return sparse_update_row<T, true, false>(p, g, s, n, neg_clr, eps);
+          default: return sparse_update_row<T, true, true>(p, g, s, n, neg_clr, eps);
+        }
+      });
 }
 
 }  // namespace
@@ -388,7 +517,27 @@ void sparse_update_range(const SparseUpdate& u, int64_t begin, int64_t end) {
     case Dtype::Double: return sparse_range_typed<F64>(u, begin, end);
     case Dtype::Half: return sparse_range_typed<F16>(u, begin, end);
     case Dtype::BFloat16: return sparse_range_typed<BF16>(u, begin, end);
-    default: return;  // complex params with sparse grads are refused by check_inputs
+    default: return;  // complex params with sparse grads are refused by the plan
+  }
+}
+
+void rowwise_update_range(const RowUpdate& u, int64_t begin, int64_t end) {
+  switch (u.dtype) {
+    case Dtype::Float: return rowwise_range_typed<F32>(u, begin, end);
+    case Dtype::Double: return rowwise_range_typed<F64>(u, begin, end);
+    case Dtype::Half: return rowwise_range_typed<F16>(u, begin, end);
+    case Dtype::BFloat16: return rowwise_range_typed<BF16>(u, begin, end);
+    default: return;  // row-wise Adagrad refuses complex params
+  }
+}
+
+void rowwise_sparse_update_range(const SparseUpdate& u, int64_t begin, int64_t end) {
+  switch (u.dtype) {
+    case Dtype::Float: return rowwise_sparse_range_typed<F32>(u, begin, end);
+    case Dtype::Double: return rowwise_sparse_range_typed<F64>(u, begin, end);
+    case Dtype::Half: return rowwise_sparse_range_typed<F16>(u, begin, end);
+    case Dtype::BFloat16: return rowwise_sparse_range_typed<BF16>(u, begin, end);
+    default: return;
   }
 }
 

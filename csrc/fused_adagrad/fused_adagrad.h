@@ -94,9 +94,18 @@ FUSED_ADAGRAD_API void adagrad_step_(at::TensorList params, const OptionalTensor
                              at::TensorList sums, at::TensorList steps, double lr, double lr_decay,
                              double weight_decay, double eps, bool maximize, bool eps_inside_sqrt,
                              const std::optional<at::Tensor>& lr_tensor = std::nullopt);
+// Row-wise Adagrad: sums[i] has one value per row of dim 0 (see RowWiseAdagrad).
+FUSED_ADAGRAD_API void rowwise_adagrad_step_(at::TensorList params, const OptionalTensorList& grads,
+                                             at::TensorList sums, at::TensorList steps, double lr,
+                                             double lr_decay, double weight_decay, double eps,
+                                             bool maximize, bool eps_inside_sqrt,
+                                             const std::optional<at::Tensor>& lr_tensor = std::nullopt);
+// Everything a step op would refuse, changing nothing (`rowwise`: as rowwise_adagrad_step_).
 FUSED_ADAGRAD_API void check_adagrad_inputs(at::TensorList params,
                                     const OptionalTensorList& grads,
-                                    at::TensorList sums, at::TensorList steps, double weight_decay);
+                                    at::TensorList sums, at::TensorList steps, double weight_decay,
+                                    bool rowwise = false,
+                                    const std::optional<at::Tensor>& lr_tensor = std::nullopt);
 
 struct BuildInfo {
   std::string version;

@@ -1,0 +1,349 @@
+#include "plan.h"
+
+#include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace fused_adagrad {
+
+namespace {
+
+bool supported_param_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: case at::kDouble: case at::kHalf: case at::kBFloat16:
+    case at::kComplexFloat: case at::kComplexDouble:
+      return true;
+    default:
+      return false;
+  }
+}
+
+bool has_grad(const OptionalTensorList& grads, size_t i) {
+  const std::optional<at::Tensor> g = grads[i];
+  return g.has_value() && g->defined();
+}
+
+void check_sum(Variant variant, size_t i, const at::Tensor& p, const at::Tensor& s) {
+  TORCH_CHECK(s.defined(), "param ", i, ": state 'sum' is undefined");
+  TORCH_CHECK(s.layout() == at::kStrided, "param ", i, ": state 'sum' must be a dense tensor");
+  TORCH_CHECK(s.device() == p.device(), "param ", i, ": state 'sum' is on ", s.device(),
+              " but the parameter is on ", p.device());
+  if (variant == Variant::Elementwise) {
+    TORCH_CHECK(s.sizes() == p.sizes(), "param ", i, ": state 'sum' has shape ", s.sizes(),
+                " but the parameter has shape ", p.sizes(), " (state loaded from another model?)");
+    TORCH_CHECK(s.scalar_type() == p.scalar_type(), "param ", i, ": state 'sum' has dtype ",
+                s.scalar_type(), " but the parameter has dtype ", p.scalar_type());
+    return;
+  }
+  const std::vector<int64_t> shape = rowwise_sum_shape(p);
+  TORCH_CHECK(s.sizes() == c10::IntArrayRef(shape), "param ", i, ": row-wise state 'sum' has shape ",
+              s.sizes(), " but a parameter of shape ", p.sizes(), " needs ", c10::IntArrayRef(shape),
+              " (one value per row of dim 0; state loaded from another model or optimizer?)");
+  const at::ScalarType dtype = rowwise_sum_dtype(p.scalar_type());
+  TORCH_CHECK(s.scalar_type() == dtype, "param ", i, ": row-wise state 'sum' has dtype ",
+              s.scalar_type(), " but a ", p.scalar_type(), " parameter needs ", dtype);
+}
+
+void check_grad(Variant variant, size_t i, const at::Tensor& p, const at::Tensor& g,
+                double weight_decay) {
+  TORCH_CHECK(g.layout() == at::kStrided || g.layout() == at::kSparse, "param ", i,
+              ": grad layout ", g.layout(), " is not supported (dense or sparse COO)");
+  TORCH_CHECK(g.sizes() == p.sizes(), "param ", i, ": grad has shape ", g.sizes(),
+              " but the parameter has shape ", p.sizes());
+  TORCH_CHECK(g.scalar_type() == p.scalar_type(), "param ", i, ": grad has dtype ",
+              g.scalar_type(), " but the parameter has dtype ", p.scalar_type());
+  TORCH_CHECK(g.device() == p.device(), "param ", i, ": grad is on ", g.device(),
+              " but the parameter is on ", p.device());
+  if (g.layout() != at::kSparse) return;
+  // torch squares a complex sparse grad as a complex number (g*g, not |g|^2): not Adagrad.
+  TORCH_CHECK(!p.is_complex(), "param ", i,
+              ": sparse gradients of complex parameters are not supported");
+  if (variant == Variant::Elementwise) {
+    TORCH_CHECK(weight_decay == 0, "param ", i,
+                ": weight_decay option is not compatible with sparse gradients");
+  } else {
+    TORCH_CHECK(g.sparse_dim() == 1, "param ", i,
+                ": row-wise Adagrad takes sparse grads over rows of dim 0 (sparse_dim 1, as "
+                "nn.Embedding makes them), got sparse_dim ", g.sparse_dim());
+  }
+}
+
+// The bytes a tensor's elements can occupy: from its lowest to its highest addressed element.
+struct Extent {
+  uintptr_t begin, end;
+  const at::Tensor* tensor;
+  size_t param;
+  const char* role;
+  bool written;
+};
+
+void add_extent(std::vector<Extent>& out, const at::Tensor& t, size_t param, const char* role,
+                bool written) {
+  // Meta, fake and functional tensors (torch.compile's tracing) have no memory to compare.
+  const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
+  if (t.is_meta() || impl->has_symbolic_sizes_strides() || !t.has_storage() ||
+      t.key_set().has_any(c10::DispatchKeySet({c10::DispatchKey::Python,
+                                               c10::DispatchKey::Functionalize})) ||
+      t.numel() == 0) {
+    return;
+  }
+  int64_t low = 0, high = 0;
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    const int64_t reach = (t.size(d) - 1) * t.stride(d);
+    (reach < 0 ? low : high) += reach;
+  }
+  const auto base = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+  const auto item = static_cast<int64_t>(t.element_size());
+  out.push_back({base + static_cast<uintptr_t>(low * item),
+                 base + static_cast<uintptr_t>((high + 1) * item), &t, param, role, written});
+}
+
+// A step writes params, sums and steps: none of them may share memory with another tensor of
+// the step (the second write would be lost, or a grad change under the update). Extents are
+// sorted, so only neighbours whose ranges meet are compared: O(n log n) for n tensors.
+void check_no_aliasing(at::TensorList params, const OptionalTensorList& grads,
+                       at::TensorList sums, at::TensorList steps) {
+  std::vector<Extent> extents;
+  std::vector<at::Tensor> grad_parts;  // owns the tensors the extents of sparse grads point to
+  grad_parts.reserve(2 * params.size());
+  extents.reserve(4 * params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    add_extent(extents, params[i], i, "param", true);
+    add_extent(extents, sums[i], i, "state 'sum'", true);
+    add_extent(extents, steps[i], i, "state 'step'", true);
+    if (!has_grad(grads, i)) continue;
+    const at::Tensor g = *grads[i];
+    if (g.is_sparse()) {
+      grad_parts.push_back(g._values());
+      add_extent(extents, grad_parts.back(), i, "grad", false);
+    } else {
+      grad_parts.push_back(g);
+      add_extent(extents, grad_parts.back(), i, "grad", false);
+    }
+  }
+  for (const Extent& e : extents) {
+    TORCH_CHECK(!e.written || at::has_internal_overlap(*e.tensor) != at::MemOverlap::Yes,
+                "param ", e.param, ": ", e.role,
+                " has elements that share memory (e.g. an expanded tensor), so it cannot be "
+                "updated in place");
+  }
+  std::sort(extents.begin(), extents.end(),
+            [](const Extent& a, const Extent& b) { return a.begin < b.begin; });
+  for (size_t a = 0; a < extents.size(); ++a) {
+    for (size_t b = a + 1; b < extents.size() && extents[b].begin < extents[a].end; ++b) {
+      const Extent& x = extents[a];
+      const Extent& y = extents[b];
+      if (!x.written && !y.written) continue;  // two grads may share memory: both are only read
+      const at::MemOverlapStatus status = at::get_overlap_status(*x.tensor, *y.tensor);
+      // TooHard: interleaved strided views whose ranges meet; disjoint in every real case.
+      if (status != at::MemOverlapStatus::Full && status != at::MemOverlapStatus::Partial) {
+        continue;
+      }
+      TORCH_CHECK(false, "param ", x.param, ": ", x.role, " shares memory with param ", y.param,
+                  "'s ", y.role, "; a step writes ", x.written ? x.role : y.role,
+                  ", so each param, sum and step must be a tensor of its own");
+    }
+  }
+}
+
+// The table row of each value row of a CPU sparse COO grad, the param seen as (product of the
+// sparse dims) rows; throws naming the param and the first bad index.
+std::vector<int64_t> sparse_grad_rows(size_t index, const at::Tensor& grad) {
+  const at::Tensor indices = grad._indices().to(at::kLong).contiguous();
+  const int64_t dims = grad.sparse_dim();
+  const int64_t nnz = grad._nnz();
+  const int64_t* idx = indices.const_data_ptr<int64_t>();
+  std::vector<int64_t> rows(nnz, 0);
+  for (int64_t d = 0; d < dims; ++d) {
+    const int64_t size = grad.size(d);
+    const int64_t* row = idx + d * nnz;
+    for (int64_t k = 0; k < nnz; ++k) {
+      TORCH_CHECK(row[k] >= 0 && row[k] < size, "param ", index, ": sparse grad index ", row[k],
+                  " (entry ", k, ") is out of range for dimension ", d, " of size ", size);
+      rows[k] = rows[k] * size + row[k];
+    }
+  }
+  return rows;
+}
+
+bool same_dense_layout(const at::Tensor& a, const at::Tensor& b) {
+  return b.strides() == a.strides() && b.is_non_overlapping_and_dense();
+}
+
+at::Tensor contiguous_work(const at::Tensor& user, std::vector<Staged>& staged) {
+  if (user.is_contiguous()) return user;
+  at::Tensor work = user.contiguous();
+  staged.push_back({user, work});
+  return work;
+}
+
+// Element-wise kernels walk param, grad and sum as flat arrays in memory order: all three dense
+// in one layout, or dense copies (empty_like of a dense tensor keeps its strides).
+DenseParam elementwise_layout(size_t i, at::Tensor p, at::Tensor g, at::Tensor s,
+                              StepPlan& plan) {
+  if (p.is_complex()) {
+    p = at::view_as_real(p);
+    g = at::view_as_real(g);
+    s = at::view_as_real(s);
+  }
+  at::Tensor p_work = p.is_non_overlapping_and_dense() ? p : p.contiguous();
+  if (!same_dense_layout(p_work, g)) {
+    g = at::empty_like(p_work).copy_(g);
+    plan.keep_alive.push_back(g);
+  }
+  at::Tensor s_work = same_dense_layout(p_work, s) ? s : at::empty_like(p_work).copy_(s);
+  if (!p_work.is_same(p)) plan.staged.push_back({p, p_work});
+  if (!s_work.is_same(s)) plan.staged.push_back({s, s_work});
+  return {i, p_work, g, s_work, 1};
+}
+
+// Row-wise kernels walk rows of dim 0: param and grad contiguous, sum one value per row.
+DenseParam rowwise_layout(size_t i, const at::Tensor& p, const at::Tensor& g, const at::Tensor& s,
+                          StepPlan& plan) {
+  at::Tensor g_work = g.contiguous();
+  if (!g_work.is_same(g)) plan.keep_alive.push_back(g_work);
+  const int64_t rows = p.dim() == 0 ? 1 : p.size(0);
+  return {i, contiguous_work(p, plan.staged), g_work, contiguous_work(s, plan.staged),
+          p.numel() / rows};
+}
+
+}  // namespace
+
+std::vector<int64_t> rowwise_sum_shape(const at::Tensor& param) {
+  if (param.dim() == 0) return {};
+  return {param.size(0)};
+}
+
+at::ScalarType rowwise_sum_dtype(at::ScalarType param_dtype) {
+  return param_dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_metadata(Variant variant, at::TensorList params, const OptionalTensorList& grads,
+                    at::TensorList sums, at::TensorList steps, double weight_decay,
+                    const std::optional<at::Tensor>& lr_tensor) {
+  const size_t n = params.size();
+  TORCH_CHECK(grads.size() == n && sums.size() == n && steps.size() == n,
+              "fused_adagrad: params, grads, sums and steps must have the same length, got ", n,
+              ", ", grads.size(), ", ", sums.size(), " and ", steps.size());
+  if (lr_tensor.has_value() && lr_tensor->defined()) {
+    TORCH_CHECK(lr_tensor->numel() == 1 && at::isFloatingType(lr_tensor->scalar_type()),
+                "lr must be a float or a one-element floating tensor, got a ",
+                lr_tensor->scalar_type(), " tensor with ", lr_tensor->numel(), " elements");
+  }
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params[i];
+    TORCH_CHECK(p.defined(), "param ", i, ": undefined tensor");
+    TORCH_CHECK(p.layout() == at::kStrided, "param ", i,
+                ": the parameter must be a dense tensor, got layout ", p.layout());
+    TORCH_CHECK(supported_param_dtype(p.scalar_type()), "param ", i, ": dtype ", p.scalar_type(),
+                " is not supported (float32, float64, float16, bfloat16, complex64, complex128)");
+    TORCH_CHECK(variant == Variant::Elementwise || !p.is_complex(), "param ", i,
+                ": row-wise Adagrad does not support complex parameters (dtype ", p.scalar_type(),
+                ")");
+    check_sum(variant, i, p, sums[i]);
+
+    const at::Tensor& st = steps[i];
+    TORCH_CHECK(st.defined(), "param ", i, ": state 'step' is undefined");
+    TORCH_CHECK(st.numel() == 1 && at::isFloatingType(st.scalar_type()) &&
+                    st.layout() == at::kStrided,
+                "param ", i, ": state 'step' must be a one-element floating tensor, got ",
+                st.scalar_type(), " with ", st.numel(), " elements");
+    TORCH_CHECK(st.device().is_cpu() || st.device() == p.device(), "param ", i,
+                ": state 'step' is on ", st.device(), " but the parameter is on ", p.device());
+    if (has_grad(grads, i)) check_grad(variant, i, p, *grads[i], weight_decay);
+  }
+}
+
+void validate_step(Variant variant, at::TensorList params, const OptionalTensorList& grads,
+                   at::TensorList sums, at::TensorList steps, double weight_decay,
+                   const std::optional<at::Tensor>& lr_tensor) {
+  check_metadata(variant, params, grads, sums, steps, weight_decay, lr_tensor);
+  check_no_aliasing(params, grads, sums, steps);
+  for (size_t i = 0; i < params.size(); ++i) {
+    if (!has_grad(grads, i)) continue;
+    const at::Tensor g = *grads[i];
+    if (g.is_sparse() && g.is_cpu()) sparse_grad_rows(i, g);
+  }
+}
+
+StepPlan plan_step(Variant variant, at::TensorList params, const OptionalTensorList& grads,
+                   at::TensorList sums, at::TensorList steps, double weight_decay,
+                   const std::optional<at::Tensor>& lr_tensor) {
+  check_metadata(variant, params, grads, sums, steps, weight_decay, lr_tensor);
+  check_no_aliasing(params, grads, sums, steps);
+
+  // Below, only the sparse index check can throw; staging copies allocate but change nothing
+  // the user holds.
+  StepPlan plan;
+  for (size_t i = 0; i < params.size(); ++i) {
+    if (!has_grad(grads, i)) continue;  // no grad: no step, like torch
+    plan.stepping.push_back(i);
+    const at::Tensor& p = params[i];
+    const at::Tensor g = *grads[i];
+    if (p.numel() == 0) continue;
+    if (g.is_sparse()) {
+      std::vector<int64_t> row_of;
+      if (g.is_cpu()) row_of = sparse_grad_rows(i, g);  // throws on a bad index
+      if (g._nnz() == 0) continue;
+      int64_t row_count = 1;
+      for (int64_t d = 0; d < g.sparse_dim(); ++d) row_count *= g.size(d);
+      plan.sparse.push_back({i, contiguous_work(p, plan.staged), contiguous_work(sums[i], plan.staged),
+                             g, g._values().contiguous(), std::move(row_of), row_count,
+                             p.numel() / row_count});
+      continue;
+    }
+    DenseParam work = variant == Variant::Elementwise
+                          ? elementwise_layout(i, p, g, sums[i], plan)
+                          : rowwise_layout(i, p, g, sums[i], plan);
+    auto group = std::find_if(plan.dense.begin(), plan.dense.end(), [&](const DenseGroup& d) {
+      return d.device == p.device() && d.dtype == p.scalar_type();
+    });
+    if (group == plan.dense.end()) {
+      plan.dense.push_back({p.device(), p.scalar_type(), {}});
+      group = plan.dense.end() - 1;
+    }
+    group->params.push_back(std::move(work));
+  }
+  return plan;
+}
+
+void StepPlan::write_back() const {
+  for (const Staged& s : staged) s.user.copy_(s.work);
+}
+
+HostLearningRate host_learning_rate(const StepOptions& options) {
+  const std::optional<at::Tensor>& t = options.lr_tensor;
+  if (!t.has_value() || !t->defined()) return {options.lr, false};
+  if (t->scalar_type() == at::kFloat) return {t->item<float>(), true};
+  return {t->item<double>(), false};
+}
+
+double neg_clr(const HostLearningRate& lr, double step, double lr_decay) {
+  const double denom = 1 + (step - 1) * lr_decay;
+  // torch computes `lr_tensor / denom` as a tensor op: the Python float is cast to the tensor's
+  // dtype first, and the quotient is rounded to it.
+  if (lr.is_float_tensor) {
+    return -static_cast<double>(static_cast<float>(lr.value) / static_cast<float>(denom));
+  }
+  return -(lr.value / denom);
+}
+
+double increment_host_step(const at::Tensor& step) {
+  if (step.scalar_type() == at::kFloat) {
+    float* v = step.data_ptr<float>();
+    *v += 1.0f;
+    return *v;
+  }
+  if (step.scalar_type() == at::kDouble) {
+    double* v = step.data_ptr<double>();
+    *v += 1.0;
+    return *v;
+  }
+  step.add_(1);
+  return step.item<double>();
+}
+
+}  // namespace fused_adagrad

@@ -1,0 +1,102 @@
+// The layer between the ops and the kernels (../shared/reference/architecture.md): every backend
+// hands a step's tensors to plan_step, which validates all of them, then lays out the work as
+// homogeneous groups (one device and dtype, one memory layout) for the kernels. Everything that
+// can fail happens here, before any tensor changes; after it, a backend only increments steps,
+// runs its kernels and calls write_back().
+#pragma once
+
+#include "fused_adagrad/fused_adagrad.h"
+
+#include <vector>
+
+namespace fused_adagrad {
+
+// Element-wise Adagrad keeps one sum per element (torch.optim.Adagrad); row-wise keeps one per
+// row of dim 0 (FBGEMM's EXACT_ROWWISE_ADAGRAD), in float32 (float64 for float64 params).
+enum class Variant { Elementwise, RowWise };
+
+// The hyperparameters of one op call (one param group).
+struct StepOptions {
+  double lr, lr_decay, weight_decay, eps;
+  bool maximize, eps_inside_sqrt;
+  std::optional<at::Tensor> lr_tensor;  // when given, takes the place of lr
+};
+
+// The shape and dtype of a row-wise sum for `param`: (rows,) or () for a 0-d param.
+std::vector<int64_t> rowwise_sum_shape(const at::Tensor& param);
+at::ScalarType rowwise_sum_dtype(at::ScalarType param_dtype);
+
+// Checks the metadata of every tensor (so it also runs on meta and fake tensors) and throws
+// (TORCH_CHECK, RuntimeError in Python) naming the param's index and the problem.
+void check_metadata(Variant variant, at::TensorList params, const OptionalTensorList& grads,
+                    at::TensorList sums, at::TensorList steps, double weight_decay,
+                    const std::optional<at::Tensor>& lr_tensor);
+
+// Everything plan_step refuses: the metadata, tensors of the step that share memory where one
+// of them is written (a step given twice, a sum or grad overlapping its param), and the indices
+// of CPU sparse grads (CUDA ones are not read on the host: that would synchronize).
+void validate_step(Variant variant, at::TensorList params, const OptionalTensorList& grads,
+                   at::TensorList sums, at::TensorList steps, double weight_decay,
+                   const std::optional<at::Tensor>& lr_tensor);
+
+// One param with a dense grad, as a kernel walks it: param, grad and sum share one dense layout
+// (element-wise) or param and grad are contiguous rows and sum is one value per row (row-wise).
+// Complex params arrive as their real views.
+struct DenseParam {
+  size_t index;  // in the op's lists
+  at::Tensor param, grad, sum;
+  int64_t row_len;  // elements per row of dim 0 (row-wise kernels)
+};
+
+struct DenseGroup {
+  at::Device device;
+  at::ScalarType dtype;  // the params' own dtype (complex for the real views of complex params)
+  std::vector<DenseParam> params;
+};
+
+// One param with a sparse COO grad, seen as a table of `row_count` rows of `row_len` elements
+// (rows: the sparse dims; row-wise Adagrad takes only sparse grads over dim 0).
+struct SparseParam {
+  size_t index;
+  at::Tensor param, sum;        // contiguous (copies of non-contiguous ones)
+  at::Tensor grad;              // the user's grad
+  at::Tensor values;            // its values, contiguous: nnz rows of row_len
+  std::vector<int64_t> row_of;  // CPU grads: the table row of each value row, checked in range
+  int64_t row_count, row_len;
+};
+
+// A user tensor the kernel cannot update in place, and the dense copy it updates instead.
+struct Staged {
+  at::Tensor user, work;
+};
+
+struct StepPlan {
+  std::vector<size_t> stepping;    // params that take a step (have a grad), in order
+  std::vector<DenseGroup> dense;   // by (device, dtype), in order of first appearance
+  std::vector<SparseParam> sparse;
+  std::vector<Staged> staged;
+  std::vector<at::Tensor> keep_alive;  // grad copies the kernels read
+
+  // Copies the staged results back to the user's tensors.
+  void write_back() const;
+};
+
+StepPlan plan_step(Variant variant, at::TensorList params, const OptionalTensorList& grads,
+                   at::TensorList sums, at::TensorList steps, double weight_decay,
+                   const std::optional<at::Tensor>& lr_tensor);
+
+// The learning rate as the host reads it, once per step (a device lr tensor synchronizes).
+struct HostLearningRate {
+  double value;
+  bool is_float_tensor;  // torch then divides in float32
+};
+HostLearningRate host_learning_rate(const StepOptions& options);
+
+// -clr for one parameter, rounded exactly as torch.optim.Adagrad's single-tensor path rounds it:
+// in double for a float lr; in the lr tensor's dtype for a tensor lr (torch divides the tensor).
+double neg_clr(const HostLearningRate& lr, double step, double lr_decay);
+
+// step += 1 on a one-element host tensor; returns the new value as torch reads it (step.item()).
+double increment_host_step(const at::Tensor& step);
+
+}  // namespace fused_adagrad
