@@ -1,7 +1,8 @@
 """fused-adagrad: torch.optim.Adagrad's numbers from one fused pass per element (CPU and CUDA).
 
-    from fused_adagrad import FusedAdagrad
+    from fused_adagrad import FusedAdagrad, RowWiseAdagrad
     opt = FusedAdagrad(model.parameters(), lr=0.01)   # same arguments as torch.optim.Adagrad
+    emb_opt = RowWiseAdagrad(embeddings.parameters())  # one accumulator per row
 """
 import torch
 from packaging.version import Version
@@ -31,6 +32,7 @@ def _load_native():
 _C = _load_native()  # also registers torch.ops.fused_adagrad.*
 
 from .optimizer import FusedAdagrad  # noqa: E402
+from .rowwise import RowWiseAdagrad  # noqa: E402
 
 
 def build_info() -> dict:
@@ -38,4 +40,4 @@ def build_info() -> dict:
     return _C.build_info()
 
 
-__all__ = ["FusedAdagrad", "build_info", "__version__"]
+__all__ = ["FusedAdagrad", "RowWiseAdagrad", "build_info", "__version__"]

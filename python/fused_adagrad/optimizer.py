@@ -1,31 +1,20 @@
-"""fused_adagrad.FusedAdagrad: a drop-in for torch.optim.Adagrad backed by one fused op per group."""
+"""fused_adagrad.FusedAdagrad: a drop-in for torch.optim.Adagrad backed by one fused op per group,
+and the base it shares with RowWiseAdagrad (rowwise.py)."""
 from typing import Optional, Union
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-_step_op = torch.ops.fused_adagrad.adagrad_step_
 _check_op = torch.ops.fused_adagrad.check_adagrad_inputs
 
 
-class FusedAdagrad(Optimizer):
-    """Adagrad with the arguments, numbers and state layout of ``torch.optim.Adagrad``.
+class _FusedAdagradBase(Optimizer):
+    """Arguments, validation, state and the one-op-per-group step of both optimizers; a subclass
+    names its op and makes its `sum` state."""
 
-    Each step runs one fused op per param group: for every element it reads param, grad and the
-    squared-gradient sum once and writes param and sum once. ``state_dict()`` from either optimizer
-    loads into the other. Differences from torch.optim.Adagrad, all additions:
-
-    * ``eps_inside_sqrt=True`` divides by ``sqrt(sum + eps)`` (Keras 3, Optax, d2l) instead of
-      ``sqrt(sum) + eps``.
-    * A step that raises (bad grad shape, dtype, device, a sparse grad with weight decay, a state
-      loaded from another model) changes no parameter and no state.
-    * Params added with ``add_param_group`` get state at once, from their own group's
-      ``initial_accumulator_value``.
-
-    ``foreach`` and ``fused`` are accepted and stored for compatibility; they change nothing.
-    ``differentiable=True`` is not supported.
-    """
+    _step_op = None  # torch.ops.fused_adagrad.*_step_
+    _rowwise = False
 
     def __init__(
         self,
@@ -56,7 +45,7 @@ class FusedAdagrad(Optimizer):
             raise ValueError(f"Invalid epsilon value: {eps}")
         if differentiable:
             raise ValueError(
-                "FusedAdagrad does not support differentiable=True; "
+                f"{type(self).__name__} does not support differentiable=True; "
                 "use torch.optim.Adagrad(differentiable=True) to differentiate through the step"
             )
         if fused and foreach:
@@ -75,6 +64,9 @@ class FusedAdagrad(Optimizer):
         }
         super().__init__(params, defaults)  # calls add_param_group, which creates the state
 
+    def _new_sum(self, p: Tensor, init: float) -> Tensor:
+        raise NotImplementedError
+
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
@@ -90,9 +82,7 @@ class FusedAdagrad(Optimizer):
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
             else:
                 state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-            v = group["initial_accumulator_value"]
-            init = complex(v, v) if torch.is_complex(p) else v
-            state["sum"] = torch.full_like(p, init, memory_format=torch.preserve_format)
+            state["sum"] = self._new_sum(p, group["initial_accumulator_value"])
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -135,19 +125,23 @@ class FusedAdagrad(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
+        name = type(self).__name__
         work = [(group, self._group_inputs(group)) for group in self.param_groups]
         if len(work) > 1:
             # Validate every group before stepping any, so that a failed step changes nothing.
             for index, (group, (params, grads, sums, steps)) in enumerate(work):
+                lr = group["lr"]
                 try:
-                    _check_op(params, grads, sums, steps, weight_decay=group["weight_decay"])
+                    _check_op(params, grads, sums, steps, weight_decay=group["weight_decay"],
+                              rowwise=self._rowwise, lr_tensor=lr if isinstance(lr, Tensor) else None)
                 except RuntimeError as e:
-                    raise RuntimeError(f"FusedAdagrad: param group {index}, {e}") from None
+                    raise RuntimeError(f"{name}: param group {index}, {e}") from None
+        step_op = type(self)._step_op
         for index, (group, (params, grads, sums, steps)) in enumerate(work):
             lr = group["lr"]
             lr_is_tensor = isinstance(lr, Tensor)
             try:
-                _step_op(
+                step_op(
                     params,
                     grads,
                     sums,
@@ -162,5 +156,30 @@ class FusedAdagrad(Optimizer):
                 )
             except RuntimeError as e:
                 # The op validates before it changes anything, so this group is untouched too.
-                raise RuntimeError(f"FusedAdagrad: param group {index}, {e}") from None
+                raise RuntimeError(f"{name}: param group {index}, {e}") from None
         return loss
+
+
+class FusedAdagrad(_FusedAdagradBase):
+    """Adagrad with the arguments, numbers and state layout of ``torch.optim.Adagrad``.
+
+    Each step runs one fused op per param group: for every element it reads param, grad and the
+    squared-gradient sum once and writes param and sum once. ``state_dict()`` from either optimizer
+    loads into the other. Differences from torch.optim.Adagrad, all additions:
+
+    * ``eps_inside_sqrt=True`` divides by ``sqrt(sum + eps)`` (Keras 3, Optax, d2l) instead of
+      ``sqrt(sum) + eps``.
+    * A step that raises (bad grad shape, dtype, device, a sparse grad with weight decay, a state
+      loaded from another model) changes no parameter and no state.
+    * Params added with ``add_param_group`` get state at once, from their own group's
+      ``initial_accumulator_value``.
+
+    ``foreach`` and ``fused`` are accepted and stored for compatibility; they change nothing.
+    ``differentiable=True`` is not supported.
+    """
+
+    _step_op = torch.ops.fused_adagrad.adagrad_step_
+
+    def _new_sum(self, p: Tensor, init: float) -> Tensor:
+        init = complex(init, init) if torch.is_complex(p) else init
+        return torch.full_like(p, init, memory_format=torch.preserve_format)

@@ -92,3 +92,45 @@ def test_cpp_optimizer_from_python(kw):
 def test_cpp_optimizer_validates_options():
     with pytest.raises(RuntimeError, match="Invalid learning rate: -1"):
         _C.CppFusedAdagrad([torch.randn(2)], lr=-1.0)
+
+
+def aliasing_cases():
+    p, q = torch.randn(6), torch.randn(6)
+    step = torch.tensor(0.0)
+    yield "shared step", ([p, q], [torch.randn(6), torch.randn(6)], [torch.zeros(6), torch.zeros(6)],
+                          [step, step]), r"param 0: state 'step' shares memory with param 1's state 'step'"
+    yield "sum is the param", ([p], [torch.randn(6)], [p], [torch.tensor(0.0)]), "shares memory"
+    big = torch.randn(10)
+    yield "grad overlaps param", ([big[:6]], [big[4:]], [torch.zeros(6)], [torch.tensor(0.0)]), "shares memory"
+    yield "same param twice", ([p, p], [torch.randn(6), torch.randn(6)], [torch.zeros(6), torch.zeros(6)],
+                               [torch.tensor(0.0), torch.tensor(0.0)]), "shares memory"
+    yield "expanded param", ([torch.randn(1).expand(6)], [torch.randn(6)], [torch.zeros(6)],
+                             [torch.tensor(0.0)]), "param 0: param has elements that share memory"
+
+
+@pytest.mark.parametrize("case", list(aliasing_cases()), ids=lambda c: c[0])
+def test_tensors_that_share_written_memory_are_refused_and_nothing_changes(case):
+    _, (params, grads, sums, steps), match = case
+    before = [t.clone() for t in (*params, *sums, *steps)]
+    with pytest.raises(RuntimeError, match=match):
+        OP(params, grads, sums, steps, **HYPER)
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.fused_adagrad.check_adagrad_inputs(params, grads, sums, steps, weight_decay=0.0)
+    assert all(torch.equal(a, b) for a, b in zip(before, (*params, *sums, *steps)))
+
+
+def test_grads_may_share_memory_with_each_other():
+    g = torch.randn(6)
+    params = [torch.randn(6), torch.randn(6)]
+    OP(params, [g, g], [torch.zeros(6), torch.zeros(6)], [torch.tensor(0.0), torch.tensor(0.0)], **HYPER)
+
+
+def test_bad_lr_tensor_is_refused_before_any_group_steps():
+    a, b = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(3))
+    opt = FusedAdagrad([{"params": [a]}, {"params": [b]}], lr=0.1)
+    opt.param_groups[1]["lr"] = torch.tensor([0.1, 0.2])
+    a.grad, b.grad = torch.randn(3), torch.randn(3)
+    before = a.detach().clone()
+    with pytest.raises(RuntimeError, match="param group 1, lr must be a float or a one-element"):
+        opt.step()
+    assert torch.equal(a, before) and opt.state[a]["step"].item() == 0
