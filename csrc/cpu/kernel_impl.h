@@ -440,6 +440,31 @@ auto rowwise_row_fn(bool maximize, bool weight_decay, bool eps_inside_sqrt) {
   return fns[variant];
 }
 
+// Rows of one element (1-D params: biases, norms): the row update above, exactly (lane 0 holds
+// g * g, the other lanes +0, and a division by 1), in a loop over rows that vectorizes instead of
+// a call per element.
+template <typename T>
+void rowwise_unit_rows(const RowUpdate& u, const RowSlice& sl, int64_t first, int64_t last) {
+  using S = typename T::S;
+  using M = typename T::M;
+  auto* __restrict param = static_cast<S*>(sl.param);
+  const auto* __restrict grad = static_cast<const S*>(sl.grad);
+  auto* __restrict m = static_cast<M*>(sl.sum);
+  const M neg_clr = static_cast<M>(sl.neg_clr);
+  const M wd = static_cast<M>(u.weight_decay), eps = static_cast<M>(u.eps);
+  const M sign = u.maximize ? M(-1) : M(1);  // -g exactly, as the row update's negation
+  const bool wd_on = u.weight_decay != 0, inside = u.eps_inside_sqrt;
+  for (int64_t r = first; r < last; ++r) {
+    const M p = T::load(param[r]);
+    M g = sign * T::load(grad[r]);
+    g = wd_on ? g + wd * p : g;
+    const M acc = m[r] + g * g;
+    m[r] = acc;
+    const M denom = inside ? sqrt_(acc + eps) : sqrt_(acc) + eps;
+    param[r] = T::store(p + (neg_clr / denom) * g);
+  }
+}
+
 template <typename T>
 void rowwise_range_typed(const RowUpdate& u, int64_t begin, int64_t end) {
   using S = typename T::S;
@@ -455,6 +480,10 @@ void rowwise_range_typed(const RowUpdate& u, int64_t begin, int64_t end) {
     // Rows whose first element, start + r * n, lies in [begin, end).
     const int64_t first = begin <= start ? 0 : (begin - start + n - 1) / n;
     const int64_t last = end - start >= rows * n ? rows : (end - start + n - 1) / n;
+    if (n == 1) {
+      rowwise_unit_rows<T>(u, sl, first, last);
+      continue;
+    }
     const M neg_clr = static_cast<M>(sl.neg_clr);
     for (int64_t r = first; r < last; ++r) {
       row(static_cast<S*>(sl.param) + r * n, static_cast<const S*>(sl.grad) + r * n,
