@@ -1,5 +1,6 @@
 // Public C++ API of fused-adagrad: a drop-in for torch::optim::Adagrad whose step is one fused
-// pass over param, grad and the squared-gradient sum, plus direct access to the op it runs.
+// pass over param, grad and the squared-gradient sum, its row-wise variant RowWiseAdagrad, and
+// direct access to the ops they run.
 #pragma once
 
 #include <torch/optim/optimizer.h>
@@ -85,6 +86,73 @@ class FUSED_ADAGRAD_API FusedAdagrad : public torch::optim::Optimizer {
   template <typename Self, typename Archive>
   static void serialize(Self& self, Archive& archive) {
     _TORCH_OPTIM_SERIALIZE_WITH_TEMPLATE_ARG(FusedAdagrad);
+  }
+};
+
+// Row-wise Adagrad (FBGEMM's EXACT_ROWWISE_ADAGRAD): one accumulator per row of dim 0, for
+// embedding tables whose element-wise state would double their memory. Same options, defaults
+// and meaning as FusedAdagradOptions.
+struct FUSED_ADAGRAD_API RowWiseAdagradOptions
+    : public torch::optim::OptimizerCloneableOptions<RowWiseAdagradOptions> {
+  RowWiseAdagradOptions(double lr = 1e-2);
+  TORCH_ARG(double, lr) = 1e-2;
+  TORCH_ARG(double, lr_decay) = 0;
+  TORCH_ARG(double, weight_decay) = 0;
+  TORCH_ARG(double, initial_accumulator_value) = 0;
+  TORCH_ARG(double, eps) = 1e-10;
+  TORCH_ARG(bool, maximize) = false;
+  // p -= clr * g / sqrt(m + eps) instead of clr * g / (sqrt(m) + eps).
+  TORCH_ARG(bool, eps_inside_sqrt) = false;
+
+ public:
+  void serialize(torch::serialize::InputArchive& archive) override;
+  void serialize(torch::serialize::OutputArchive& archive) const override;
+  FUSED_ADAGRAD_API friend bool operator==(const RowWiseAdagradOptions& lhs,
+                                           const RowWiseAdagradOptions& rhs);
+  double get_lr() const override;
+  void set_lr(const double lr) override;
+};
+
+// `sum`: one value per row of dim 0, shape (rows,) (() for a 0-d param), float32 (float64 for
+// float64 params). `step`: as in FusedAdagradParamState.
+struct FUSED_ADAGRAD_API RowWiseAdagradParamState
+    : public torch::optim::OptimizerCloneableParamState<RowWiseAdagradParamState> {
+  TORCH_ARG(torch::Tensor, sum);
+  TORCH_ARG(torch::Tensor, step);
+
+ public:
+  void serialize(torch::serialize::InputArchive& archive) override;
+  void serialize(torch::serialize::OutputArchive& archive) const override;
+  FUSED_ADAGRAD_API friend bool operator==(const RowWiseAdagradParamState& lhs,
+                                           const RowWiseAdagradParamState& rhs);
+};
+
+// The optimizer of rowwise_adagrad_step_: per row r, g = grad (+ weight_decay * p),
+// m[r] += mean(g * g over the row), p[r] -= clr * g / (sqrt(m[r]) + eps). Sparse (embedding)
+// grads take weight decay on the rows they touch. Float32/64, float16 and bfloat16 params;
+// complex params are refused at the step. Otherwise it behaves as FusedAdagrad.
+class FUSED_ADAGRAD_API RowWiseAdagrad : public torch::optim::Optimizer {
+ public:
+  explicit RowWiseAdagrad(const std::vector<torch::optim::OptimizerParamGroup>& param_groups,
+                          RowWiseAdagradOptions defaults = {});
+  explicit RowWiseAdagrad(std::vector<torch::Tensor> params, RowWiseAdagradOptions defaults = {})
+      : RowWiseAdagrad({torch::optim::OptimizerParamGroup(std::move(params))},
+                       std::move(defaults)) {}
+
+  // Hides Optimizer::add_param_group, as FusedAdagrad::add_param_group does.
+  void add_param_group(const torch::optim::OptimizerParamGroup& param_group);
+
+  // Validates every group before changing anything, as FusedAdagrad::step.
+  torch::Tensor step(LossClosure closure = nullptr) override;
+  void save(torch::serialize::OutputArchive& archive) const override;
+  void load(torch::serialize::InputArchive& archive) override;
+
+ private:
+  RowWiseAdagradParamState& state_for(const torch::Tensor& p, const RowWiseAdagradOptions& options);
+
+  template <typename Self, typename Archive>
+  static void serialize(Self& self, Archive& archive) {
+    _TORCH_OPTIM_SERIALIZE_WITH_TEMPLATE_ARG(RowWiseAdagrad);
   }
 };
 

@@ -1,0 +1,84 @@
+// fused_adagrad::RowWiseAdagrad, the LibTorch optimizer of the rowwise_adagrad_step_ op. It is
+// FusedAdagrad (optimizer_common.h) with one accumulator per row of dim 0.
+#include "fused_adagrad/fused_adagrad.h"
+#include "optimizer_common.h"
+#include "plan.h"
+
+namespace fused_adagrad {
+
+namespace common = optimizer_common;
+
+RowWiseAdagradOptions::RowWiseAdagradOptions(double lr) : lr_(lr) {}
+
+bool operator==(const RowWiseAdagradOptions& lhs, const RowWiseAdagradOptions& rhs) {
+  return common::options_equal(lhs, rhs);
+}
+
+void RowWiseAdagradOptions::serialize(torch::serialize::OutputArchive& archive) const {
+  common::write_options(*this, archive);
+}
+
+void RowWiseAdagradOptions::serialize(torch::serialize::InputArchive& archive) {
+  common::read_options(*this, archive);
+}
+
+double RowWiseAdagradOptions::get_lr() const { return lr(); }
+void RowWiseAdagradOptions::set_lr(const double lr) { this->lr(lr); }
+
+bool operator==(const RowWiseAdagradParamState& lhs, const RowWiseAdagradParamState& rhs) {
+  return common::states_equal(lhs, rhs);
+}
+
+void RowWiseAdagradParamState::serialize(torch::serialize::OutputArchive& archive) const {
+  common::write_state(*this, archive);
+}
+
+void RowWiseAdagradParamState::serialize(torch::serialize::InputArchive& archive) {
+  common::read_state(*this, archive);
+}
+
+namespace {
+constexpr const char* kName = "RowWiseAdagrad";
+}  // namespace
+
+RowWiseAdagrad::RowWiseAdagrad(const std::vector<torch::optim::OptimizerParamGroup>& param_groups,
+                               RowWiseAdagradOptions defaults)
+    : Optimizer(param_groups, std::make_unique<RowWiseAdagradOptions>(defaults)) {
+  common::init_param_groups<RowWiseAdagradOptions>(
+      kName, *this, param_groups,
+      [this](const torch::Tensor& p, const RowWiseAdagradOptions& o) { state_for(p, o); });
+}
+
+void RowWiseAdagrad::add_param_group(const torch::optim::OptimizerParamGroup& param_group) {
+  common::add_param_group<RowWiseAdagradOptions>(kName, *this, param_group);
+}
+
+RowWiseAdagradParamState& RowWiseAdagrad::state_for(const torch::Tensor& p,
+                                                    const RowWiseAdagradOptions& options) {
+  const double initial = options.initial_accumulator_value();
+  return common::find_or_create_state<RowWiseAdagradParamState>(
+      *this, p, [initial](const torch::Tensor& param) {
+        TORCH_CHECK(!param.is_complex(), "RowWiseAdagrad does not support complex parameters");
+        // The shape and dtype the op checks for.
+        return torch::full(rowwise_sum_shape(param), initial,
+                           torch::TensorOptions()
+                               .dtype(rowwise_sum_dtype(param.scalar_type()))
+                               .device(param.device()));
+      });
+}
+
+torch::Tensor RowWiseAdagrad::step(LossClosure closure) {
+  auto state = [this](const torch::Tensor& p, const RowWiseAdagradOptions& o) -> auto& {
+    return state_for(p, o);
+  };
+  return common::step_param_groups<RowWiseAdagradOptions>(
+      kName, *this, closure, /*rowwise=*/true, &rowwise_adagrad_step_, state);
+}
+
+void RowWiseAdagrad::save(torch::serialize::OutputArchive& archive) const {
+  serialize(*this, archive);
+}
+
+void RowWiseAdagrad::load(torch::serialize::InputArchive& archive) { serialize(*this, archive); }
+
+}  // namespace fused_adagrad
