@@ -149,10 +149,11 @@ void check_no_aliasing(at::TensorList params, const OptionalTensorList& grads,
   }
 }
 
-// The table row of each value row of a CPU sparse COO grad, the param seen as (product of the
-// sparse dims) rows; throws naming the param and the first bad index.
-std::vector<int64_t> sparse_grad_rows(size_t index, const at::Tensor& grad) {
-  const at::Tensor indices = grad._indices().to(at::kLong).contiguous();
+// The table row of each value row of a sparse COO grad, the param seen as (product of the sparse
+// dims) rows, from its indices on the host; throws naming the param and the first bad index.
+std::vector<int64_t> rows_from_host_indices(size_t index, const at::Tensor& grad,
+                                            const at::Tensor& host_indices) {
+  const at::Tensor indices = host_indices.to(at::kLong).contiguous();
   const int64_t dims = grad.sparse_dim();
   const int64_t nnz = grad._nnz();
   const int64_t* idx = indices.const_data_ptr<int64_t>();
@@ -167,6 +168,25 @@ std::vector<int64_t> sparse_grad_rows(size_t index, const at::Tensor& grad) {
     }
   }
   return rows;
+}
+
+// Checks the indices of a sparse grad before anything changes. CPU grads: returns each value
+// row's table row. Device grads: a min and max per sparse dim on the device and one read of them
+// (a synchronization: sparse steps are not capturable anyway, their nnz changes every step); the
+// indices come to the host only to name a bad one.
+std::vector<int64_t> checked_sparse_rows(size_t index, const at::Tensor& grad) {
+  const at::Tensor indices = grad._indices();
+  if (grad.is_cpu()) return rows_from_host_indices(index, grad, indices);
+  if (grad._nnz() == 0) return {};
+  const auto [low, high] = at::aminmax(indices, /*dim=*/1);
+  const at::Tensor bounds = at::stack({low, high}).to(at::kCPU, at::kLong);
+  const auto b = bounds.accessor<int64_t, 2>();
+  for (int64_t d = 0; d < grad.sparse_dim(); ++d) {
+    if (b[0][d] < 0 || b[1][d] >= grad.size(d)) {
+      rows_from_host_indices(index, grad, indices.cpu());  // throws, naming the first bad index
+    }
+  }
+  return {};
 }
 
 bool same_dense_layout(const at::Tensor& a, const at::Tensor& b) {
@@ -265,7 +285,7 @@ void validate_step(Variant variant, at::TensorList params, const OptionalTensorL
   for (size_t i = 0; i < params.size(); ++i) {
     if (!has_grad(grads, i)) continue;
     const at::Tensor g = *grads[i];
-    if (g.is_sparse() && g.is_cpu()) sparse_grad_rows(i, g);
+    if (g.is_sparse() && params[i].numel() != 0) checked_sparse_rows(i, g);
   }
 }
 
@@ -285,8 +305,7 @@ StepPlan plan_step(Variant variant, at::TensorList params, const OptionalTensorL
     const at::Tensor g = *grads[i];
     if (p.numel() == 0) continue;
     if (g.is_sparse()) {
-      std::vector<int64_t> row_of;
-      if (g.is_cpu()) row_of = sparse_grad_rows(i, g);  // throws on a bad index
+      std::vector<int64_t> row_of = checked_sparse_rows(i, g);  // throws on a bad index
       if (g._nnz() == 0) continue;
       int64_t row_count = 1;
       for (int64_t d = 0; d < g.sparse_dim(); ++d) row_count *= g.size(d);

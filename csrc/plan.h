@@ -33,8 +33,8 @@ void check_metadata(Variant variant, at::TensorList params, const OptionalTensor
                     const std::optional<at::Tensor>& lr_tensor);
 
 // Everything plan_step refuses: the metadata, tensors of the step that share memory where one
-// of them is written (a step given twice, a sum or grad overlapping its param), and the indices
-// of CPU sparse grads (CUDA ones are not read on the host: that would synchronize).
+// of them is written (a step given twice, a sum or grad overlapping its param), and sparse grad
+// indices out of range (for a CUDA grad this reads its min and max: one synchronization).
 void validate_step(Variant variant, at::TensorList params, const OptionalTensorList& grads,
                    at::TensorList sums, at::TensorList steps, double weight_decay,
                    const std::optional<at::Tensor>& lr_tensor);

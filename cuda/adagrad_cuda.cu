@@ -1,21 +1,12 @@
-// CUDA implementation of fused_adagrad::adagrad_step_. Per device: one launch increments every
-// device-resident step, then one multi-tensor launch per dtype (more when the tensors do not
-// fit one argument table) updates param and sum in a single pass over param, grad and sum.
-// The dense path never reads a device value on the host, so it can be captured in a CUDA graph.
-#include "../csrc/cpu/backend.h"
-#include "../csrc/plan.h"
-#include "multi_tensor_apply.cuh"
+// CUDA backend of fused_adagrad::adagrad_step_ (element-wise Adagrad). Per device: one launch
+// increments every device-resident step, then one multi-tensor launch per dtype (more when the
+// tensors do not fit one argument table) updates param and sum in a single pass over param,
+// grad and sum, and one launch per sparse grad updates its distinct rows. No device value is
+// read on the host (the sparse indices' range check aside, done by the plan), so a dense step
+// can be captured in a CUDA graph.
+#include "step_common.cuh"
 
-#include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
-
-#include <algorithm>
-#include <cstdint>
-#include <vector>
 
 namespace fused_adagrad::cuda {
 
@@ -23,22 +14,6 @@ namespace {
 
 // ---------------------------------------------------------------------------------------------
 // Device side
-
-// Where a tensor's step count comes from: a float32 on the device (incremented by an earlier
-// launch), or, when the state keeps the step on the host, the value the host incremented.
-struct StepRef {
-  const float* device;
-  double host;
-};
-
-// The learning rate: a one-element device tensor read by the kernel, or a host number.
-// `host_is_float` marks the value of a float32 host tensor: torch then divides in float32.
-struct LearningRate {
-  const float* device_float;
-  const double* device_double;
-  double host;
-  bool host_is_float;
-};
 
 struct Hyper {
   LearningRate lr;
@@ -55,54 +30,6 @@ using SmallTable = ChunkTable<3, StepRef, 32, 384>;
 using LargeTable = ChunkTable<3, StepRef, 256, 3328>;
 static_assert(sizeof(SmallTable) + sizeof(Hyper) <= kSmallArgBytes, "kernel argument too large");
 static_assert(sizeof(LargeTable) + sizeof(Hyper) <= kLargeArgBytes, "kernel argument too large");
-
-template <int N>
-struct StepList {
-  float* step[N];
-  int count;
-};
-using SmallStepList = StepList<500>;
-using LargeStepList = StepList<4000>;
-static_assert(sizeof(SmallStepList) <= kSmallArgBytes, "kernel argument too large");
-static_assert(sizeof(LargeStepList) <= kLargeArgBytes, "kernel argument too large");
-
-template <typename S> struct MathTypeOf { using type = float; };
-template <> struct MathTypeOf<double> { using type = double; };
-
-__device__ __forceinline__ float fma_(float a, float b, float c) { return fmaf(a, b, c); }
-__device__ __forceinline__ double fma_(double a, double b, double c) { return fma(a, b, c); }
-__device__ __forceinline__ float sqrt_(float x) { return sqrtf(x); }
-__device__ __forceinline__ double sqrt_(double x) { return sqrt(x); }
-// A rounded product and a rounded sum that nvcc may not contract into an FMA.
-__device__ __forceinline__ float mul_add_(float a, float b, float c) {
-  return __fadd_rn(__fmul_rn(a, b), c);
-}
-__device__ __forceinline__ double mul_add_(double a, double b, double c) {
-  return __dadd_rn(__dmul_rn(a, b), c);
-}
-
-// x rounded to the storage type S and widened back: torch's for-loop keeps every intermediate
-// tensor (g, sum, sqrt, std) in the param's dtype. The identity for float and double.
-template <typename S, typename M>
-__device__ __forceinline__ M round_to(M x) {
-  return static_cast<M>(static_cast<S>(x));
-}
-
-// -lr / (1 + (step - 1) * lr_decay), rounded as csrc/plan.h's neg_clr rounds it on the host.
-// The explicit _rn operations keep nvcc from contracting the denominator into an FMA, which
-// Python's arithmetic (and the CPU build, -ffp-contract=off) does not do.
-__device__ __forceinline__ double device_neg_clr(const LearningRate& lr, double step,
-                                                 double lr_decay) {
-  const double denom = __dadd_rn(1.0, __dmul_rn(__dadd_rn(step, -1.0), lr_decay));
-  if (lr.device_float != nullptr) {
-    return -static_cast<double>(__fdiv_rn(*lr.device_float, static_cast<float>(denom)));
-  }
-  if (lr.device_double != nullptr) return -__ddiv_rn(*lr.device_double, denom);
-  if (lr.host_is_float) {
-    return -static_cast<double>(__fdiv_rn(static_cast<float>(lr.host), static_cast<float>(denom)));
-  }
-  return -__ddiv_rn(lr.host, denom);
-}
 
 template <typename M>
 struct Coeffs {
@@ -216,52 +143,8 @@ __global__ void __launch_bounds__(kBlockThreads) adagrad_kernel(const Table tabl
   update_packs<1, 4>(param + done, grad + done, sum + done, n - done, c);
 }
 
-template <int N>
-__global__ void increment_steps_kernel(const StepList<N> list) {
-  const int i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i < list.count) *list.step[i] += 1.0f;
-}
-
 // ---------------------------------------------------------------------------------------------
 // Host side
-
-// Whether launches on `stream` may take a 32 KB argument: built for it (CUDA >= 12.1, Volta+),
-// a driver that supports it, and the stream not being captured into a graph. ATen's
-// multi_tensor_apply also keeps to 4 KB arguments under capture; a graph replays the extra
-// launches of the small tables cheaply.
-#if FUSED_ADAGRAD_LARGE_KERNEL_ARGS
-bool large_kernel_args(cudaStream_t stream) {
-  static const bool driver_ok = [] {
-    int version = 0;
-    C10_CUDA_CHECK(cudaDriverGetVersion(&version));
-    return version >= 12010;
-  }();
-  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
-  return driver_ok && capture == cudaStreamCaptureStatusNone;
-}
-#endif
-
-template <typename List>
-void launch_increments(const std::vector<float*>& steps, cudaStream_t stream) {
-  constexpr int kMax = static_cast<int>(sizeof(List::step) / sizeof(float*));
-  constexpr int kThreads = 256;
-  List list;
-  for (size_t begin = 0; begin < steps.size(); begin += kMax) {
-    list.count = static_cast<int>(std::min<size_t>(kMax, steps.size() - begin));
-    std::copy_n(steps.begin() + begin, list.count, list.step);
-    increment_steps_kernel<<<(list.count + kThreads - 1) / kThreads, kThreads, 0, stream>>>(list);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-}
-
-void increment_device_steps(const std::vector<float*>& steps, cudaStream_t stream) {
-  if (steps.empty()) return;
-#if FUSED_ADAGRAD_LARGE_KERNEL_ARGS
-  if (large_kernel_args(stream)) return launch_increments<LargeStepList>(steps, stream);
-#endif
-  launch_increments<SmallStepList>(steps, stream);
-}
 
 using Entry = TensorEntry<3, StepRef>;
 
@@ -297,58 +180,78 @@ Slot dtype_slot(at::ScalarType t) {
   }
 }
 
-// The step count of one param the kernels read: a float32 on the device (the user's step, or a
-// float32 copy of it written back afterwards), or, for a host step, the value the host counted.
-struct ParamStep {
-  at::Tensor device;     // undefined: host step
-  at::Tensor copy_back;  // the user's step, when `device` is a float32 copy of it
-  double host = 0;
+// ---------------------------------------------------------------------------------------------
+// Sparse grads
+
+// One sparse grad's launch: the table (param, sum: row_len elements per row), the grad's value
+// rows, and their order by table row (step_common.cuh's SortedRows).
+template <typename S>
+struct SparseArgs {
+  S* param;
+  S* sum;
+  const S* values;
+  const int64_t* sorted;
+  const int64_t* perm;
+  int64_t nnz;
+  int64_t row_len;
+  StepRef step;
 };
 
-// What the kernels of one device need besides the plan.
-struct DeviceWork {
-  at::Device device;
-  at::Tensor lr_on_device;  // keeps a moved or converted lr tensor alive until the launch
-  LearningRate lr{};
-};
+constexpr int kSparseThreads = 256;
+constexpr int kSparseWarps = kSparseThreads / 32;
 
-// Where the kernels on `device` read the learning rate. A device lr tensor is read by the kernel
-// (moved to `device`, or widened to float64, by stream-ordered copies); a host one is read here.
-void set_learning_rate(DeviceWork& dw, double lr, const std::optional<at::Tensor>& lr_tensor) {
-  dw.lr = LearningRate{nullptr, nullptr, lr, false};
-  if (!lr_tensor.has_value() || !lr_tensor->defined()) return;
-  const at::Tensor& t = *lr_tensor;
-  if (t.is_cpu()) {
-    dw.lr.host_is_float = t.scalar_type() == at::kFloat;
-    dw.lr.host = dw.lr.host_is_float ? t.item<float>() : t.item<double>();
-    return;
-  }
-  at::Tensor d = t.device() == dw.device ? t : t.to(dw.device);
-  if (d.scalar_type() != at::kFloat && d.scalar_type() != at::kDouble) d = d.to(at::kDouble);
-  dw.lr_on_device = d;
-  if (d.scalar_type() == at::kFloat) {
-    dw.lr.device_float = d.const_data_ptr<float>();
-  } else {
-    dw.lr.device_double = d.const_data_ptr<double>();
+// torch's sparse arithmetic, as the CPU kernel computes it (csrc/cpu/kernel_impl.h,
+// sparse_update_element): duplicates summed in grad order in the param's dtype; then per element
+// sum = sum + g*g (a rounded square, then a rounded add); std = sqrt(sum) + eps;
+// p = p + (-clr) * (g / std), an FMA for float and double (torch's BLAS axpy), a product rounded
+// to the dtype and then the add for half and bfloat16. One warp per value row: the warp of the
+// first value row of each table row updates that row, the others return at once.
+template <typename S>
+__global__ void __launch_bounds__(kSparseThreads) sparse_adagrad_kernel(const SparseArgs<S> a,
+                                                                        const Hyper h) {
+  using M = typename MathTypeOf<S>::type;
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * kSparseWarps + threadIdx.x / 32;
+  if (j >= a.nnz) return;
+  const int64_t row = a.sorted[j];
+  if (j > 0 && a.sorted[j - 1] == row) return;
+  int64_t last = j + 1;
+  while (last < a.nnz && a.sorted[last] == row) ++last;
+
+  const M neg_clr = round_to<S>(static_cast<M>(device_neg_clr(h.lr, step_value(a.step), h.lr_decay)));
+  const M eps = round_to<S>(static_cast<M>(h.eps));
+  S* p = a.param + row * a.row_len;
+  S* s = a.sum + row * a.row_len;
+  for (int64_t e = threadIdx.x % 32; e < a.row_len; e += 32) {
+    M g = static_cast<M>(a.values[a.perm[j] * a.row_len + e]);
+    for (int64_t k = j + 1; k < last; ++k) {
+      g = round_to<S>(add_rn(g, static_cast<M>(a.values[a.perm[k] * a.row_len + e])));
+    }
+    if (h.maximize) g = -g;
+    const M sv = round_to<S>(add_rn(static_cast<M>(s[e]), round_to<S>(mul_rn(g, g))));
+    const M denom = h.eps_inside_sqrt ? round_to<S>(sqrt_rn(round_to<S>(add_rn(sv, eps))))
+                                      : round_to<S>(add_rn(round_to<S>(sqrt_rn(sv)), eps));
+    const M q = round_to<S>(div_rn(g, denom));
+    M pv = static_cast<M>(p[e]);
+    if constexpr (sizeof(S) == sizeof(M)) {
+      pv = fma_(neg_clr, q, pv);
+    } else {
+      pv = add_rn(pv, round_to<S>(mul_rn(neg_clr, q)));
+    }
+    s[e] = static_cast<S>(sv);
+    p[e] = static_cast<S>(pv);
   }
 }
 
-// torch's sparse path, unfused (coalesce, sum += g^2 on the rows present, p -= clr * g / std):
-// it synchronizes, since coalesce needs the number of distinct indices on the host, and its
-// Scalar learning rate needs the step and a device lr on the host.
-void sparse_update(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& sum,
-                   double neg_clr, double eps, bool maximize, bool eps_inside_sqrt) {
-  // The update is non-linear in the gradient, so duplicate indices must be summed first.
-  at::Tensor g = (maximize ? grad.neg() : grad).coalesce();
-  const at::Tensor indices = g._indices();
-  const at::Tensor values = g._values();
-  auto make_sparse = [&](const at::Tensor& v) {
-    return at::sparse_coo_tensor(indices, v, g.sizes());
-  };
-  sum.add_(make_sparse(values.pow(2)));
-  at::Tensor std_values = sum.sparse_mask(g)._values();
-  std_values = eps_inside_sqrt ? std_values.add_(eps).sqrt_() : std_values.sqrt_().add_(eps);
-  param.add_(make_sparse(values / std_values), neg_clr);
+template <typename S>
+void launch_sparse(const SparseParam& sp, const SortedRows& rows, const StepRef& step,
+                   const Hyper& hyper, cudaStream_t stream) {
+  const SparseArgs<S> args{static_cast<S*>(sp.param.data_ptr()), static_cast<S*>(sp.sum.data_ptr()),
+                           static_cast<const S*>(sp.values.const_data_ptr()),
+                           rows.sorted.const_data_ptr<int64_t>(), rows.perm.const_data_ptr<int64_t>(),
+                           sp.values.size(0), sp.row_len, step};
+  const int64_t blocks = (args.nnz + kSparseWarps - 1) / kSparseWarps;
+  sparse_adagrad_kernel<S><<<static_cast<unsigned>(blocks), kSparseThreads, 0, stream>>>(args, hyper);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void adagrad_step_cuda(at::TensorList params, const OptionalTensorList& grads, at::TensorList sums,
@@ -356,82 +259,42 @@ void adagrad_step_cuda(at::TensorList params, const OptionalTensorList& grads, a
                        double eps, bool maximize, bool eps_inside_sqrt,
                        const std::optional<at::Tensor>& lr_tensor) {
   const StepOptions options{lr, lr_decay, weight_decay, eps, maximize, eps_inside_sqrt, lr_tensor};
-  const StepPlan plan = plan_step(Variant::Elementwise, params, grads, sums, steps, weight_decay,
-                                  lr_tensor);
-
-  // Still nothing changed: the lr on each device and float32 copies of steps (allocations).
-  std::vector<DeviceWork> devices;
-  std::vector<ParamStep> step_of(params.size());
-  for (size_t i : plan.stepping) {
-    const at::Tensor& p = params[i];
-    if (p.is_cpu()) continue;
-    TORCH_CHECK(p.is_cuda(), "param ", i, ": the CUDA kernel cannot update a tensor on ", p.device());
-    c10::cuda::CUDAGuard guard(p.device());
-    if (std::none_of(devices.begin(), devices.end(),
-                     [&](const DeviceWork& d) { return d.device == p.device(); })) {
-      devices.push_back(DeviceWork{p.device()});
-      set_learning_rate(devices.back(), lr, lr_tensor);
-    }
-    const at::Tensor& st = steps[i];
-    if (st.is_cuda()) {
-      // The kernel reads float32 steps; torch.optim keeps them in float32, others get a copy.
-      step_of[i].device = st.scalar_type() == at::kFloat ? st : st.to(at::kFloat);
-      if (!step_of[i].device.is_same(st)) step_of[i].copy_back = st;
-    }
-  }
-
-  // The CPU params of the call (a group mixing CPU and CUDA params), by the CPU backend.
-  cpu::run_plan(Variant::Elementwise, plan, params, steps, options);
-
-  // Steps, then the update, on each device's current stream.
-  for (DeviceWork& dw : devices) {
-    c10::cuda::CUDAGuard guard(dw.device);
-    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dw.device.index()).stream();
-    std::vector<float*> device_steps;
-    for (size_t i : plan.stepping) {
-      if (params[i].device() != dw.device) continue;
-      ParamStep& s = step_of[i];
-      if (s.device.defined()) {
-        device_steps.push_back(s.device.data_ptr<float>());
-      } else {
-        s.host = increment_host_step(steps[i]);  // a CPU tensor: no device read
-      }
-    }
-    increment_device_steps(device_steps, stream);
-
+  run_step(Variant::Elementwise, params, grads, sums, steps, options, [&](const DeviceStep& d) {
     std::vector<Entry> entries[kSlots];
-    for (const DenseGroup& group : plan.dense) {
-      if (group.device != dw.device) continue;
-      for (const DenseParam& d : group.params) {
-        const ParamStep& s = step_of[d.index];
-        const StepRef step{s.device.defined() ? s.device.const_data_ptr<float>() : nullptr, s.host};
+    for (const DenseGroup& group : d.plan.dense) {
+      if (group.device != d.device.device) continue;
+      for (const DenseParam& w : group.params) {
         entries[dtype_slot(group.dtype)].push_back(
-            Entry{{d.param.data_ptr(), const_cast<void*>(d.grad.const_data_ptr()), d.sum.data_ptr()},
-                  d.param.numel(),
-                  step});
+            Entry{{w.param.data_ptr(), const_cast<void*>(w.grad.const_data_ptr()), w.sum.data_ptr()},
+                  w.param.numel(),
+                  step_ref(d.step_of[w.index])});
       }
     }
-    Hyper hyper{dw.lr, lr_decay, weight_decay, eps, maximize, eps_inside_sqrt, true};
-    launch_update<float>(entries[kSlotF32], hyper, stream);
-    launch_update<double>(entries[kSlotF64], hyper, stream);
-    launch_update<c10::Half>(entries[kSlotF16], hyper, stream);
-    launch_update<c10::BFloat16>(entries[kSlotBF16], hyper, stream);
+    Hyper hyper{d.device.lr, lr_decay, weight_decay, eps, maximize, eps_inside_sqrt, true};
+    launch_update<float>(entries[kSlotF32], hyper, d.stream);
+    launch_update<double>(entries[kSlotF64], hyper, d.stream);
+    launch_update<c10::Half>(entries[kSlotF16], hyper, d.stream);
+    launch_update<c10::BFloat16>(entries[kSlotBF16], hyper, d.stream);
     hyper.fma_weight_decay = false;
-    launch_update<float>(entries[kSlotC64], hyper, stream);
-    launch_update<double>(entries[kSlotC128], hyper, stream);
+    launch_update<float>(entries[kSlotC64], hyper, d.stream);
+    launch_update<double>(entries[kSlotC128], hyper, d.stream);
 
-    for (const SparseParam& sp : plan.sparse) {
-      if (sp.param.device() != dw.device) continue;
-      const ParamStep& s = step_of[sp.index];
-      const double step = s.device.defined() ? s.device.item<double>() : s.host;
-      const double clr = neg_clr(host_learning_rate(options), step, lr_decay);
-      sparse_update(sp.param, sp.grad, sp.sum, clr, eps, maximize, eps_inside_sqrt);
+    hyper.fma_weight_decay = true;
+    for (size_t k = 0; k < d.plan.sparse.size(); ++k) {
+      const SparseParam& sp = d.plan.sparse[k];
+      if (sp.param.device() != d.device.device) continue;
+      const StepRef step = step_ref(d.step_of[sp.index]);
+      switch (sp.param.scalar_type()) {
+        case at::kFloat: launch_sparse<float>(sp, d.sorted_rows[k], step, hyper, d.stream); break;
+        case at::kDouble: launch_sparse<double>(sp, d.sorted_rows[k], step, hyper, d.stream); break;
+        case at::kHalf: launch_sparse<c10::Half>(sp, d.sorted_rows[k], step, hyper, d.stream); break;
+        case at::kBFloat16:
+          launch_sparse<c10::BFloat16>(sp, d.sorted_rows[k], step, hyper, d.stream);
+          break;
+        default: TORCH_INTERNAL_ASSERT(false, "sparse grads of ", sp.param.scalar_type());
+      }
     }
-  }
-  for (const ParamStep& s : step_of) {
-    if (s.copy_back.defined()) s.copy_back.copy_(s.device);
-  }
-  plan.write_back();
+  });
 }
 
 }  // namespace

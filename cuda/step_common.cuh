@@ -1,0 +1,281 @@
+// What the CUDA kernels (adagrad_cuda.cu: element-wise; rowwise_cuda.cu: row-wise) share: where
+// a kernel reads the step count and the learning rate, correctly rounded arithmetic that nvcc may
+// not contract, the launch that counts device steps, and run_step, which takes a call from the
+// plan (csrc/plan.h) to the kernels without reading any device value on the host.
+#pragma once
+
+#include "../csrc/cpu/backend.h"
+#include "../csrc/plan.h"
+#include "multi_tensor_apply.cuh"
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+namespace fused_adagrad::cuda {
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// Device side
+
+// Where a tensor's step count comes from: a float32 on the device (incremented by an earlier
+// launch), or, when the state keeps the step on the host, the value the host incremented.
+struct StepRef {
+  const float* device;
+  double host;
+};
+
+// The learning rate: a one-element device tensor read by the kernel, or a host number.
+// `host_is_float` marks the value of a float32 host tensor: torch then divides in float32.
+struct LearningRate {
+  const float* device_float;
+  const double* device_double;
+  double host;
+  bool host_is_float;
+};
+
+template <int N>
+struct StepList {
+  float* step[N];
+  int count;
+};
+using SmallStepList = StepList<500>;
+using LargeStepList = StepList<4000>;
+static_assert(sizeof(SmallStepList) <= kSmallArgBytes, "kernel argument too large");
+static_assert(sizeof(LargeStepList) <= kLargeArgBytes, "kernel argument too large");
+
+template <typename S> struct MathTypeOf { using type = float; };
+template <> struct MathTypeOf<double> { using type = double; };
+
+__device__ __forceinline__ float fma_(float a, float b, float c) { return fmaf(a, b, c); }
+__device__ __forceinline__ double fma_(double a, double b, double c) { return fma(a, b, c); }
+__device__ __forceinline__ float sqrt_(float x) { return sqrtf(x); }
+__device__ __forceinline__ double sqrt_(double x) { return sqrt(x); }
+// A rounded product and a rounded sum that nvcc may not contract into an FMA.
+__device__ __forceinline__ float mul_add_(float a, float b, float c) {
+  return __fadd_rn(__fmul_rn(a, b), c);
+}
+__device__ __forceinline__ double mul_add_(double a, double b, double c) {
+  return __dadd_rn(__dmul_rn(a, b), c);
+}
+
+// x rounded to the storage type S and widened back: torch's for-loop keeps every intermediate
+// tensor (g, sum, sqrt, std) in the param's dtype. The identity for float and double.
+template <typename S, typename M>
+__device__ __forceinline__ M round_to(M x) {
+  return static_cast<M>(static_cast<S>(x));
+}
+
+// -lr / (1 + (step - 1) * lr_decay), rounded as csrc/plan.h's neg_clr rounds it on the host.
+// The explicit _rn operations keep nvcc from contracting the denominator into an FMA, which
+// Python's arithmetic (and the CPU build, -ffp-contract=off) does not do.
+__device__ __forceinline__ double device_neg_clr(const LearningRate& lr, double step,
+                                                 double lr_decay) {
+  const double denom = __dadd_rn(1.0, __dmul_rn(__dadd_rn(step, -1.0), lr_decay));
+  if (lr.device_float != nullptr) {
+    return -static_cast<double>(__fdiv_rn(*lr.device_float, static_cast<float>(denom)));
+  }
+  if (lr.device_double != nullptr) return -__ddiv_rn(*lr.device_double, denom);
+  if (lr.host_is_float) {
+    return -static_cast<double>(__fdiv_rn(static_cast<float>(lr.host), static_cast<float>(denom)));
+  }
+  return -__ddiv_rn(lr.host, denom);
+}
+
+// Correctly rounded operations, by type: what the CPU kernels compute with -ffp-contract=off.
+__device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
+__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+__device__ __forceinline__ float div_rn(float a, float b) { return __fdiv_rn(a, b); }
+__device__ __forceinline__ double div_rn(double a, double b) { return __ddiv_rn(a, b); }
+__device__ __forceinline__ float sqrt_rn(float x) { return __fsqrt_rn(x); }
+__device__ __forceinline__ double sqrt_rn(double x) { return __dsqrt_rn(x); }
+
+__device__ __forceinline__ double step_value(const StepRef& step) {
+  return step.device != nullptr ? static_cast<double>(*step.device) : step.host;
+}
+
+template <int N>
+__global__ void increment_steps_kernel(const StepList<N> list) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < list.count) *list.step[i] += 1.0f;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host side
+
+// Whether launches on `stream` may take a 32 KB argument: built for it (CUDA >= 12.1, Volta+),
+// a driver that supports it, and the stream not being captured into a graph. ATen's
+// multi_tensor_apply also keeps to 4 KB arguments under capture; a graph replays the extra
+// launches of the small tables cheaply.
+#if FUSED_ADAGRAD_LARGE_KERNEL_ARGS
+bool large_kernel_args(cudaStream_t stream) {
+  // The runtime that launches (it may be older than the toolkit's headers) and the driver.
+  static const bool versions_ok = [] {
+    int runtime = 0, driver = 0;
+    C10_CUDA_CHECK(cudaRuntimeGetVersion(&runtime));
+    C10_CUDA_CHECK(cudaDriverGetVersion(&driver));
+    return runtime >= 12010 && driver >= 12010;
+  }();
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  return versions_ok && capture == cudaStreamCaptureStatusNone;
+}
+#endif
+
+template <typename List>
+void launch_increments(const std::vector<float*>& steps, cudaStream_t stream) {
+  constexpr int kMax = static_cast<int>(sizeof(List::step) / sizeof(float*));
+  constexpr int kThreads = 256;
+  List list;
+  for (size_t begin = 0; begin < steps.size(); begin += kMax) {
+    list.count = static_cast<int>(std::min<size_t>(kMax, steps.size() - begin));
+    std::copy_n(steps.begin() + begin, list.count, list.step);
+    increment_steps_kernel<<<(list.count + kThreads - 1) / kThreads, kThreads, 0, stream>>>(list);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+void increment_device_steps(const std::vector<float*>& steps, cudaStream_t stream) {
+  if (steps.empty()) return;
+#if FUSED_ADAGRAD_LARGE_KERNEL_ARGS
+  if (large_kernel_args(stream)) return launch_increments<LargeStepList>(steps, stream);
+#endif
+  launch_increments<SmallStepList>(steps, stream);
+}
+
+// The step count of one param the kernels read: a float32 on the device (the user's step, or a
+// float32 copy of it written back afterwards), or, for a host step, the value the host counted.
+struct ParamStep {
+  at::Tensor device;     // undefined: host step
+  at::Tensor copy_back;  // the user's step, when `device` is a float32 copy of it
+  double host = 0;
+};
+
+// What the kernels of one device need besides the plan.
+struct DeviceWork {
+  at::Device device;
+  at::Tensor lr_on_device;  // keeps a moved or converted lr tensor alive until the launch
+  LearningRate lr{};
+};
+
+// Where the kernels on `device` read the learning rate. A device lr tensor is read by the kernel
+// (moved to `device`, or widened to float64, by stream-ordered copies); a host one is read here.
+void set_learning_rate(DeviceWork& dw, double lr, const std::optional<at::Tensor>& lr_tensor) {
+  dw.lr = LearningRate{nullptr, nullptr, lr, false};
+  if (!lr_tensor.has_value() || !lr_tensor->defined()) return;
+  const at::Tensor& t = *lr_tensor;
+  if (t.is_cpu()) {
+    dw.lr.host_is_float = t.scalar_type() == at::kFloat;
+    dw.lr.host = dw.lr.host_is_float ? t.item<float>() : t.item<double>();
+    return;
+  }
+  at::Tensor d = t.device() == dw.device ? t : t.to(dw.device);
+  if (d.scalar_type() != at::kFloat && d.scalar_type() != at::kDouble) d = d.to(at::kDouble);
+  dw.lr_on_device = d;
+  if (d.scalar_type() == at::kFloat) {
+    dw.lr.device_float = d.const_data_ptr<float>();
+  } else {
+    dw.lr.device_double = d.const_data_ptr<double>();
+  }
+}
+
+StepRef step_ref(const ParamStep& s) {
+  return {s.device.defined() ? s.device.const_data_ptr<float>() : nullptr, s.host};
+}
+
+// A sparse COO grad's value rows in order of the table row they update, ties in grad order:
+// sorted[j] is the table row of value row perm[j]. Duplicates of a row are then neighbours, so
+// a kernel finds each distinct row (where sorted[j] != sorted[j - 1]) without a host round trip.
+struct SortedRows {
+  at::Tensor sorted, perm;
+};
+
+SortedRows sort_rows(const SparseParam& sp) {
+  const at::Tensor indices = sp.grad._indices();
+  at::Tensor rows = indices.select(0, 0).to(at::kLong);
+  for (int64_t d = 1; d < sp.grad.sparse_dim(); ++d) {
+    rows = rows * sp.grad.size(d) + indices.select(0, d);
+  }
+  auto [sorted, perm] = at::sort(rows, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  return {sorted.contiguous(), perm.contiguous()};
+}
+
+// Everything a device's launches read, by param index (steps) and by plan.sparse index (rows).
+struct DeviceStep {
+  const StepPlan& plan;
+  const DeviceWork& device;
+  cudaStream_t stream;
+  const std::vector<ParamStep>& step_of;
+  const std::vector<SortedRows>& sorted_rows;
+};
+
+// One op call on CUDA: the plan (validation, grouping, staging), then, while still nothing has
+// changed, the lr on each device, float32 copies of steps and sorted sparse rows; then the CPU
+// params of the call (a group mixing CPU and CUDA params) by the CPU backend; then per device
+// the step increments and `launch(const DeviceStep&)` on its current stream.
+template <typename Launch>
+void run_step(Variant variant, at::TensorList params, const OptionalTensorList& grads,
+              at::TensorList sums, at::TensorList steps, const StepOptions& o, Launch launch) {
+  const StepPlan plan = plan_step(variant, params, grads, sums, steps, o.weight_decay, o.lr_tensor);
+
+  std::vector<DeviceWork> devices;
+  std::vector<ParamStep> step_of(params.size());
+  for (size_t i : plan.stepping) {
+    const at::Tensor& p = params[i];
+    if (p.is_cpu()) continue;
+    TORCH_CHECK(p.is_cuda(), "param ", i, ": the CUDA kernel cannot update a tensor on ", p.device());
+    c10::cuda::CUDAGuard guard(p.device());
+    if (std::none_of(devices.begin(), devices.end(),
+                     [&](const DeviceWork& d) { return d.device == p.device(); })) {
+      devices.push_back(DeviceWork{p.device()});
+      set_learning_rate(devices.back(), o.lr, o.lr_tensor);
+    }
+    const at::Tensor& st = steps[i];
+    if (st.is_cuda()) {
+      // The kernels read float32 steps; torch.optim keeps them in float32, others get a copy.
+      step_of[i].device = st.scalar_type() == at::kFloat ? st : st.to(at::kFloat);
+      if (!step_of[i].device.is_same(st)) step_of[i].copy_back = st;
+    }
+  }
+  std::vector<SortedRows> sorted_rows(plan.sparse.size());
+  for (size_t k = 0; k < plan.sparse.size(); ++k) {
+    if (!plan.sparse[k].param.is_cuda()) continue;
+    c10::cuda::CUDAGuard guard(plan.sparse[k].param.device());
+    sorted_rows[k] = sort_rows(plan.sparse[k]);
+  }
+
+  cpu::run_plan(variant, plan, params, steps, o);
+
+  for (const DeviceWork& dw : devices) {
+    c10::cuda::CUDAGuard guard(dw.device);
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dw.device.index()).stream();
+    std::vector<float*> device_steps;
+    for (size_t i : plan.stepping) {
+      if (params[i].device() != dw.device) continue;
+      ParamStep& s = step_of[i];
+      if (s.device.defined()) {
+        device_steps.push_back(s.device.data_ptr<float>());
+      } else {
+        s.host = increment_host_step(steps[i]);  // a CPU tensor: no device read
+      }
+    }
+    increment_device_steps(device_steps, stream);
+    launch(DeviceStep{plan, dw, stream, step_of, sorted_rows});
+  }
+  for (const ParamStep& s : step_of) {
+    if (s.copy_back.defined()) s.copy_back.copy_(s.device);
+  }
+  plan.write_back();
+}
+
+}  // namespace
+
+}  // namespace fused_adagrad::cuda
