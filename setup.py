@@ -1,7 +1,8 @@
 """Builds fused_adagrad._C against the torch already installed: pip install --no-build-isolation .
 
 The CUDA kernels in cuda/ are built when the installed torch has CUDA and nvcc is found
-(TORCH_CUDA_ARCH_LIST picks the architectures; default sm_80 and sm_90)."""
+(TORCH_CUDA_ARCH_LIST picks the architectures; default sm_80 and sm_90); with
+FUSED_ADAGRAD_REQUIRE_CUDA=1 the build fails instead of leaving them out."""
 import glob
 import os
 import re
@@ -25,7 +26,12 @@ sources = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
 macros = [("FUSED_ADAGRAD_BUILDING_LIBRARY", None)]
 compile_args = {"cxx": CXX_FLAGS}
 Extension = CppExtension
-if torch.version.cuda is not None and CUDA_HOME is not None:
+cuda_buildable = torch.version.cuda is not None and CUDA_HOME is not None
+if os.environ.get("FUSED_ADAGRAD_REQUIRE_CUDA") == "1" and not cuda_buildable:
+    # On a GPU machine, a silent CPU-only build would let the CUDA tests skip instead of run.
+    raise SystemExit(f"FUSED_ADAGRAD_REQUIRE_CUDA=1 but the CUDA kernels cannot be built: torch "
+                     f"{torch.__version__} has CUDA {torch.version.cuda}, nvcc at {CUDA_HOME}")
+if cuda_buildable:
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     Extension = CUDAExtension
     sources += sorted(glob.glob("cuda/*.cu"))

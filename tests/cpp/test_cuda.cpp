@@ -5,14 +5,25 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 namespace {
 
+// FUSED_ADAGRAD_REQUIRE_CUDA=1 (on a GPU machine) turns the skips into failures.
+bool cuda_required() {
+  const char* v = std::getenv("FUSED_ADAGRAD_REQUIRE_CUDA");
+  return v != nullptr && std::string(v) == "1";
+}
+
 #define SKIP_WITHOUT_CUDA()                                                              \
   do {                                                                                   \
-    if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";                  \
-    if (!fused_adagrad::build_info().cuda) GTEST_SKIP() << "fused_adagrad built without CUDA"; \
+    const char* why = !torch::cuda::is_available()          ? "no CUDA device"           \
+                      : !fused_adagrad::build_info().cuda ? "fused_adagrad built without CUDA" \
+                                                          : nullptr;                   \
+    if (why != nullptr && cuda_required()) FAIL() << why << " (FUSED_ADAGRAD_REQUIRE_CUDA=1)"; \
+    if (why != nullptr) GTEST_SKIP() << why;                                             \
   } while (0)
 
 const auto kCuda = torch::TensorOptions().device(torch::kCUDA);

@@ -5,7 +5,8 @@ places, row-wise sums in the same 8 lanes and pairwise order, duplicates summed 
 so every result is compared bitwise with the CPU's, which tests/python/test_sparse.py and
 test_rowwise.py compare with torch and with a reference of the formula.
 
-Skipped as a whole without a GPU or when the extension was built without CUDA.
+Skipped as a whole without a GPU or when the extension was built without CUDA (failed
+instead with FUSED_ADAGRAD_REQUIRE_CUDA=1).
 """
 import pytest
 import torch
@@ -13,11 +14,9 @@ import torch
 import fused_adagrad
 from fused_adagrad import FusedAdagrad, RowWiseAdagrad
 
-if not torch.cuda.is_available():
-    pytest.skip("no CUDA device: torch.cuda.is_available() is False", allow_module_level=True)
-if not fused_adagrad.build_info()["cuda"]:
-    pytest.skip("fused_adagrad was built without CUDA: build_info()['cuda'] is False",
-                allow_module_level=True)
+from cuda_available import skip_or_fail_without_cuda
+
+skip_or_fail_without_cuda()
 
 DEV = torch.device("cuda")
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
