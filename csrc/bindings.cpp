@@ -58,6 +58,15 @@ PYBIND11_MODULE(_C, m) {
     d["cpu_kernels"] = info.cpu_kernels;
     d["cpu_kernel"] = info.cpu_kernel;
     d["cuda"] = info.cuda;
+    const fused_adagrad::CudaLaunchInfo& c = info.cuda_launch;
+    py::dict launch;
+    launch["chunk_elements"] = c.chunk_elements;
+    launch["small_table_tensors"] = c.small_table_tensors;
+    launch["small_table_chunks"] = c.small_table_chunks;
+    launch["large_table_tensors"] = c.large_table_tensors;
+    launch["large_table_chunks"] = c.large_table_chunks;
+    launch["large_tables_usable"] = c.large_tables_usable;
+    d["cuda_launch"] = launch;
     return d;
   });
 

@@ -147,7 +147,7 @@ BuildInfo build_info() {
   constexpr bool with_cuda = false;
 #endif
   return {FUSED_ADAGRAD_VERSION, TORCH_VERSION, cpu::compiled_kernel_names(),
-          cpu::selected_kernel_name(), with_cuda};
+          cpu::selected_kernel_name(), with_cuda, cuda_launch_info()};
 }
 
 namespace detail {

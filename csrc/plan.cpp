@@ -189,6 +189,32 @@ std::vector<int64_t> checked_sparse_rows(size_t index, const at::Tensor& grad) {
   return {};
 }
 
+CaptureQuery capture_query = nullptr;
+
+// A captured graph replays the kernels with the arguments of the capture: a step counted on the
+// host or an lr read from a host tensor would stay at their captured values, and a sparse grad's
+// rows (their number included) change every step.
+void check_capturable(at::TensorList params, const OptionalTensorList& grads, at::TensorList steps,
+                      const std::optional<at::Tensor>& lr_tensor) {
+  if (capture_query == nullptr) return;
+  std::vector<at::Device> capturing;
+  for (size_t i = 0; i < params.size(); ++i) {
+    const at::Tensor& p = params[i];
+    if (!p.is_cuda() || !has_grad(grads, i)) continue;
+    const bool known = std::find(capturing.begin(), capturing.end(), p.device()) != capturing.end();
+    if (!known && !capture_query(p.device())) continue;
+    if (!known) capturing.push_back(p.device());
+    TORCH_CHECK(steps[i].is_cuda(), "param ", i, ": state 'step' is on the CPU while the step is "
+                "captured into a CUDA graph, which would replay the count it had at capture; keep "
+                "steps on the param's device (as FusedAdagrad and RowWiseAdagrad create them)");
+    TORCH_CHECK(!grads[i]->is_sparse(), "param ", i, ": a sparse grad cannot be captured into a "
+                "CUDA graph (its rows, and their number, change every step)");
+    TORCH_CHECK(!lr_tensor.has_value() || !lr_tensor->defined() || lr_tensor->is_cuda(),
+                "lr is a CPU tensor while the step is captured into a CUDA graph, which would keep "
+                "the value it had at capture; put the lr tensor on the device");
+  }
+}
+
 bool same_dense_layout(const at::Tensor& a, const at::Tensor& b) {
   return b.strides() == a.strides() && b.is_non_overlapping_and_dense();
 }
@@ -277,11 +303,21 @@ void check_metadata(Variant variant, at::TensorList params, const OptionalTensor
   }
 }
 
+void set_capture_query(CaptureQuery query) { capture_query = query; }
+
+namespace {
+CudaLaunchQuery launch_query = nullptr;
+}  // namespace
+
+void set_cuda_launch_query(CudaLaunchQuery query) { launch_query = query; }
+CudaLaunchInfo cuda_launch_info() { return launch_query != nullptr ? launch_query() : CudaLaunchInfo{}; }
+
 void validate_step(Variant variant, at::TensorList params, const OptionalTensorList& grads,
                    at::TensorList sums, at::TensorList steps, double weight_decay,
                    const std::optional<at::Tensor>& lr_tensor) {
   check_metadata(variant, params, grads, sums, steps, weight_decay, lr_tensor);
   check_no_aliasing(params, grads, sums, steps);
+  check_capturable(params, grads, steps, lr_tensor);
   for (size_t i = 0; i < params.size(); ++i) {
     if (!has_grad(grads, i)) continue;
     const at::Tensor g = *grads[i];
@@ -294,6 +330,7 @@ StepPlan plan_step(Variant variant, at::TensorList params, const OptionalTensorL
                    const std::optional<at::Tensor>& lr_tensor) {
   check_metadata(variant, params, grads, sums, steps, weight_decay, lr_tensor);
   check_no_aliasing(params, grads, sums, steps);
+  check_capturable(params, grads, steps, lr_tensor);
 
   // Below, only the sparse index check can throw; staging copies allocate but change nothing
   // the user holds.

@@ -32,9 +32,21 @@ void check_metadata(Variant variant, at::TensorList params, const OptionalTensor
                     at::TensorList sums, at::TensorList steps, double weight_decay,
                     const std::optional<at::Tensor>& lr_tensor);
 
+// Whether work queued now on a device's current stream is being captured into a CUDA graph.
+// The CUDA backend registers it; without one nothing is ever captured.
+using CaptureQuery = bool (*)(const at::Device& device);
+void set_capture_query(CaptureQuery query);
+
+// The CUDA backend's launch geometry for build_info() (csrc/ops.cpp), registered the same way.
+using CudaLaunchQuery = CudaLaunchInfo (*)();
+void set_cuda_launch_query(CudaLaunchQuery query);
+CudaLaunchInfo cuda_launch_info();
+
 // Everything plan_step refuses: the metadata, tensors of the step that share memory where one
 // of them is written (a step given twice, a sum or grad overlapping its param), and sparse grad
-// indices out of range (for a CUDA grad this reads its min and max: one synchronization).
+// indices out of range (for a CUDA grad this reads its min and max: one synchronization), and,
+// under CUDA graph capture, what a graph would freeze at its captured value (a host step, a host
+// lr tensor) or cannot replay (a sparse grad).
 void validate_step(Variant variant, at::TensorList params, const OptionalTensorList& grads,
                    at::TensorList sums, at::TensorList steps, double weight_decay,
                    const std::optional<at::Tensor>& lr_tensor);

@@ -34,15 +34,16 @@ static_assert(sizeof(LargeTable) + sizeof(Hyper) <= kLargeArgBytes, "kernel argu
 template <typename M>
 struct Coeffs {
   M neg_clr;
-  M weight_decay;  // both rounded to the storage type first, as torch casts its scalars
-  M eps;
+  M weight_decay;  // in the math type: torch's CUDA add(alpha=) keeps alpha in opmath (float)
+  M eps;           // rounded to the storage type, as torch casts a scalar operand
   bool weight_decay_on;
   bool fma_weight_decay;
   bool maximize;
   bool eps_inside_sqrt;
 };
 
-// The element update in csrc/cpu/kernel_impl.h's order: g = -grad if maximize; g += wd * p
+// The element update in csrc/cpu/kernel_impl.h's order (with torch's CUDA rounding of the weight
+// decay for half and bfloat16, see adagrad_kernel): g = -grad if maximize; g += wd * p
 // (FMA; a rounded product then a sum for complex params; skipped entirely at wd == 0, as torch
 // skips it); sum += g * g (FMA); std = sqrt(sum) + eps, or sqrt(sum + eps);
 // p = p + (neg_clr * g) / std. For half and bfloat16 the intermediates are rounded where torch
@@ -124,7 +125,10 @@ __global__ void __launch_bounds__(kBlockThreads) adagrad_kernel(const Table tabl
   const double step_value = step.device != nullptr ? static_cast<double>(*step.device) : step.host;
   Coeffs<M> c;
   c.neg_clr = static_cast<M>(device_neg_clr(h.lr, step_value, h.lr_decay));
-  c.weight_decay = round_to<S>(static_cast<M>(h.weight_decay));
+  // Not rounded to half/bfloat16, unlike on the CPU: torch's CUDA `grad.add(param, alpha=wd)` is
+  // fma(p, float(wd), g) (its CPU path rounds wd to the dtype first). So CPU and CUDA results
+  // of half/bfloat16 params with weight decay differ, each matching torch on its device.
+  c.weight_decay = static_cast<M>(h.weight_decay);
   c.eps = round_to<S>(static_cast<M>(h.eps));
   c.weight_decay_on = h.weight_decay != 0;
   c.fma_weight_decay = h.fma_weight_decay;
@@ -296,6 +300,31 @@ void adagrad_step_cuda(at::TensorList params, const OptionalTensorList& grads, a
     }
   });
 }
+
+bool stream_is_capturing(const at::Device& device) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(device.index()).stream(),
+                                       &status));
+  return status != cudaStreamCaptureStatusNone;
+}
+
+CudaLaunchInfo launch_info() {
+  CudaLaunchInfo info;
+  info.chunk_elements = kChunkSize;
+  info.small_table_tensors = SmallTable::kMaxTensors;
+  info.small_table_chunks = SmallTable::kMaxBlocks;
+#if FUSED_ADAGRAD_LARGE_KERNEL_ARGS
+  info.large_table_tensors = LargeTable::kMaxTensors;
+  info.large_table_chunks = LargeTable::kMaxBlocks;
+#endif
+  info.large_tables_usable = runtime_takes_large_args();
+  return info;
+}
+
+// The plan asks through these whether a step is being captured, and build_info() how work is
+// split into launches (csrc/plan.h).
+[[maybe_unused]] const bool queries_registered =
+    (set_capture_query(&stream_is_capturing), set_cuda_launch_query(&launch_info), true);
 
 }  // namespace
 

@@ -115,18 +115,26 @@ __global__ void increment_steps_kernel(const StepList<N> list) {
 // a driver that supports it, and the stream not being captured into a graph. ATen's
 // multi_tensor_apply also keeps to 4 KB arguments under capture; a graph replays the extra
 // launches of the small tables cheaply.
+// The runtime that launches (it may be older than the toolkit's headers) and the driver.
+bool runtime_takes_large_args() {
 #if FUSED_ADAGRAD_LARGE_KERNEL_ARGS
-bool large_kernel_args(cudaStream_t stream) {
-  // The runtime that launches (it may be older than the toolkit's headers) and the driver.
   static const bool versions_ok = [] {
     int runtime = 0, driver = 0;
     C10_CUDA_CHECK(cudaRuntimeGetVersion(&runtime));
     C10_CUDA_CHECK(cudaDriverGetVersion(&driver));
     return runtime >= 12010 && driver >= 12010;
   }();
+  return versions_ok;
+#else
+  return false;
+#endif
+}
+
+#if FUSED_ADAGRAD_LARGE_KERNEL_ARGS
+bool large_kernel_args(cudaStream_t stream) {
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
-  return versions_ok && capture == cudaStreamCaptureStatusNone;
+  return runtime_takes_large_args() && capture == cudaStreamCaptureStatusNone;
 }
 #endif
 

@@ -175,12 +175,24 @@ FUSED_ADAGRAD_API void check_adagrad_inputs(at::TensorList params,
                                     bool rowwise = false,
                                     const std::optional<at::Tensor>& lr_tensor = std::nullopt);
 
+// How the CUDA backend splits element-wise work into launches (all zero without CUDA), so that
+// tests can assert which splits they cover. Each block updates one chunk; a launch's argument
+// table holds at most `*_tensors` tensors and `*_chunks` chunks. The 4 KB tables serve graph
+// capture and CUDA runtimes older than 12.1, the 32 KB ones every other launch.
+struct CudaLaunchInfo {
+  int64_t chunk_elements = 0;
+  int64_t small_table_tensors = 0, small_table_chunks = 0;
+  int64_t large_table_tensors = 0, large_table_chunks = 0;  // 0: not compiled in
+  bool large_tables_usable = false;  // compiled in, and this runtime and driver take them
+};
+
 struct BuildInfo {
   std::string version;
   std::string torch_version;               // the torch this library was compiled against
   std::vector<std::string> cpu_kernels;    // SIMD paths compiled in
   std::string cpu_kernel;                  // the one selected on this CPU
-  bool cuda;
+  bool cuda = false;
+  CudaLaunchInfo cuda_launch;
 };
 FUSED_ADAGRAD_API BuildInfo build_info();
 
