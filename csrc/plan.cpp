@@ -278,6 +278,9 @@ void check_metadata(Variant variant, at::TensorList params, const OptionalTensor
     TORCH_CHECK(lr_tensor->numel() == 1 && at::isFloatingType(lr_tensor->scalar_type()),
                 "lr must be a float or a one-element floating tensor, got a ",
                 lr_tensor->scalar_type(), " tensor with ", lr_tensor->numel(), " elements");
+    const at::Device d = lr_tensor->device();
+    TORCH_CHECK(d.is_cpu() || d.is_cuda() || d.is_meta(), "lr is a tensor on ", d,
+                "; it must be on the CPU or a CUDA device");
   }
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
@@ -299,6 +302,15 @@ void check_metadata(Variant variant, at::TensorList params, const OptionalTensor
                 st.scalar_type(), " with ", st.numel(), " elements");
     TORCH_CHECK(st.device().is_cpu() || st.device() == p.device(), "param ", i,
                 ": state 'step' is on ", st.device(), " but the parameter is on ", p.device());
+    // A host step is read for free; a device one would cost a synchronization, so it is not.
+    if (st.is_cpu() && !st.is_meta() && st.has_storage() &&
+        !st.key_set().has(c10::DispatchKey::Python) &&
+        (st.scalar_type() == at::kFloat || st.scalar_type() == at::kDouble)) {
+      const double v = st.scalar_type() == at::kFloat ? *st.const_data_ptr<float>()
+                                                      : *st.const_data_ptr<double>();
+      TORCH_CHECK(v >= 0, "param ", i, ": state 'step' is ", v,
+                  "; a step count must be a non-negative number (state from a corrupt checkpoint?)");
+    }
     if (has_grad(grads, i)) check_grad(variant, i, p, *grads[i], weight_decay);
   }
 }

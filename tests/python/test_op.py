@@ -134,3 +134,13 @@ def test_bad_lr_tensor_is_refused_before_any_group_steps():
     with pytest.raises(RuntimeError, match="param group 1, lr must be a float or a one-element"):
         opt.step()
     assert torch.equal(a, before) and opt.state[a]["step"].item() == 0
+
+
+@pytest.mark.parametrize("bad", [float("nan"), -1.0])
+def test_nan_or_negative_host_step_is_refused_and_nothing_changes(bad):
+    params = [torch.randn(5), torch.randn(5)]
+    steps = [torch.tensor(2.0), torch.tensor(bad)]
+    before = [t.clone() for t in (*params, steps[0])]
+    with pytest.raises(RuntimeError, match="param 1: state 'step' is (nan|-1); a step count must be"):
+        OP(params, [torch.randn(5), torch.randn(5)], [torch.zeros(5), torch.zeros(5)], steps, **HYPER)
+    assert all(torch.equal(a, b) for a, b in zip(before, (*params, steps[0])))
