@@ -11,9 +11,10 @@
 namespace fused_adagrad::cpu::KERNEL_NAMESPACE {
 namespace {
 
-// ATen's Vectorized<T>::fmadd is a fused multiply-add on AVX2/AVX-512 and a*b+c (two roundings)
-// on the portable build. torch's addcmul_ and add(alpha=) use it, so we use it at the same
-// places and stay bitwise equal to torch.optim.Adagrad(foreach=False) on every kind of CPU.
+// ATen's Vectorized<T>::fmadd is a fused multiply-add on AVX2/AVX-512 and on aarch64 (NEON's
+// vfmaq), and a*b+c (two roundings) on x86's portable build. torch's addcmul_ and add(alpha=)
+// use it, so we use it at the same places and stay bitwise equal to
+// torch.optim.Adagrad(foreach=False) on every kind of CPU (KERNEL_HAS_FMA, set per build).
 #if KERNEL_HAS_FMA
 inline float fmadd(float a, float b, float c) { return __builtin_fmaf(a, b, c); }
 inline double fmadd(double a, double b, double c) { return __builtin_fma(a, b, c); }
@@ -87,6 +88,35 @@ inline uint32_t bits_of_float(float f) {
   return bits;
 }
 
+#if defined(__aarch64__)
+// IEEE binary16 (c10::Half) through Armv8's own conversions (FCVT, which the loops vectorize as
+// FCVTL/FCVTN; every Armv8-A CPU has them). __fp16 is a storage-only type: its arithmetic
+// promotes to float, so each cast below is exactly one conversion, rounded to nearest even
+// (FPCR's default mode, which Linux leaves set: no flush to zero, IEEE rather than alternative
+// half format). Every non-NaN value loads, stores and rounds exactly as with the x86 version
+// below (tests/kernel_check checks all 65 536 halves and a sweep of floats). A NaN stays a NaN
+// of the same sign, but the hardware keeps the top bits of its payload (quieted) where the x86
+// version makes every NaN 0x7e00 with its sign.
+struct F16 {
+  static constexpr bool kFmaWeightDecay = true;
+  using S = uint16_t;  // bit pattern of c10::Half
+  using M = float;
+  static M load(S h) {
+    __fp16 x;
+    std::memcpy(&x, &h, sizeof x);
+    return static_cast<M>(x);
+  }
+  static S store(M f) {
+    const __fp16 x = static_cast<__fp16>(f);
+    S h;
+    std::memcpy(&h, &x, sizeof h);
+    return h;
+  }
+  static M round(M f) { return static_cast<M>(static_cast<__fp16>(f)); }
+  // Through float first, as c10::Half(double) does (a direct double -> half cast rounds once).
+  static M hyper(double x) { return round(static_cast<float>(x)); }
+};
+#else
 // IEEE binary16 (c10::Half) by integer and float arithmetic only, with no branches, so the loop
 // vectorizes on every build. (GCC 12 turns _Float16 conversions into libgcc calls unless the
 // CPU has AVX512-FP16, and F16C intrinsics would not exist on the portable build: either way
@@ -145,6 +175,7 @@ struct F16 {
     return bias(magnitude) + scaled;
   }
 };
+#endif  // defined(__aarch64__)
 #if KERNEL_F16_LANES
 // KERNEL_F16_LANES halves at a time through the CPU's own conversions (F16C / AVX-512F): F16's
 // bit arithmetic vectorizes, but at four conversions per element the step was compute bound
@@ -169,8 +200,29 @@ struct BF16 {
     const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
     return f != f ? uint16_t{0x7fc0} : static_cast<uint16_t>(rounded);
   }
+  // store() of a value already on the bfloat16 grid (what round() returned): its high half.
+  static S store_rounded(M f) {
+    return f != f ? uint16_t{0x7fc0} : static_cast<uint16_t>(bits_of_float(f) >> 16);
+  }
   static M hyper(double x) { return load(store(static_cast<float>(x))); }
-  static M round(M x) { return load(store(x)); }
+  // load(store(x)) for the intermediates, without store()'s NaN test: in this kernel every NaN
+  // comes from a bfloat16 operand or is the default NaN, so its low 16 bits are 0 and adding at
+  // most 0x8000 to them cannot carry into the exponent: a NaN stays a NaN. (The stores still
+  // canonicalize NaN, as torch's do.) Two instructions fewer per rounding, three per element.
+  static M round(M x) {
+    const uint32_t bits = bits_of_float(x);
+    return float_from_bits((bits + 0x7fffu + ((bits >> 16) & 1u)) & 0xffff0000u);
+  }
+};
+
+// store() of a value that T::round() returned: the same bits, cheaper where the type allows.
+template <typename T>
+struct RoundedStore {
+  static typename T::S store(typename T::M x) { return T::store(x); }
+};
+template <>
+struct RoundedStore<BF16> {
+  static BF16::S store(BF16::M x) { return BF16::store_rounded(x); }
 };
 
 // The order of operations is torch's single-tensor path:
@@ -235,7 +287,7 @@ void update_run(typename T::S* __restrict param, const typename T::S* __restrict
     M p = T::load(param[i]), s = T::load(sum[i]);
     update_element<T, kMaximize, kWeightDecay, kEpsInsideSqrt>(p, T::load(grad[i]), s, neg_clr,
                                                                 weight_decay, eps);
-    sum[i] = T::store(s);
+    sum[i] = RoundedStore<T>::store(s);
     param[i] = T::store(p);
   }
 }
@@ -323,7 +375,7 @@ void sparse_update_row(typename T::S* __restrict param, const typename T::S* __r
     M p = T::load(param[i]), s = T::load(sum[i]);
     sparse_update_element<T, kAxpyFma, kMaximize, kEpsInsideSqrt>(p, T::load(grad[i]), s,
                                                                   neg_clr, eps);
-    sum[i] = T::store(s);
+    sum[i] = RoundedStore<T>::store(s);
     param[i] = T::store(p);
   }
 }

@@ -51,7 +51,12 @@ void expect_stores_match(const char* name) {
       // The sign of a NaN as c10 keeps it (Half does; BFloat16 makes every NaN 0x7fc0).
       ASSERT_EQ(std::signbit(back), std::signbit(static_cast<float>(C10(f))))
           << name << " float bits " << std::hex << bits;
-      ASSERT_TRUE(std::isnan(Kernel::round(f))) << name << " float bits " << std::hex << bits;
+      // round() keeps a NaN a NaN for the NaNs the kernel can meet: all of them (bfloat16's
+      // round() relies on it) have low 16 bits 0, being loaded halves/bfloat16s, results of
+      // operations on those, or the default NaN.
+      if ((bits & 0xffffu) == 0) {
+        ASSERT_TRUE(std::isnan(Kernel::round(f))) << name << " float bits " << std::hex << bits;
+      }
       return;
     }
     const uint16_t want = C10(f).x;
@@ -66,7 +71,7 @@ void expect_stores_match(const char* name) {
       // Mantissas at and around halfway points of both formats (13 and 16 dropped bits).
       for (uint32_t mantissa : {0x0u, 0x1u, 0xfffu, 0x1000u, 0x1001u, 0x2000u, 0x3000u, 0x7fffu,
                                 0x8000u, 0x8001u, 0x18000u, 0x7fe000u, 0x7fefffu, 0x7ff000u,
-                                0x7ff001u, 0x7fffffu}) {
+                                0x7ff001u, 0x7fffffu, 0x10000u, 0x400000u}) {
         check(sign | (exponent << 23) | mantissa);
       }
     }
