@@ -130,6 +130,23 @@ void rowwise_adagrad_step_(at::TensorList params, const OptionalTensorList& grad
                                    maximize, eps_inside_sqrt, lr_tensor);
 }
 
+void adagrad_step_(at::TensorList params, const OptionalTensorList& grads, at::TensorList sums,
+                   at::TensorList steps, const FusedAdagradOptions& options,
+                   const std::optional<at::Tensor>& lr_tensor) {
+  adagrad_step_(params, grads, sums, steps, options.lr(), options.lr_decay(),
+                options.weight_decay(), options.eps(), options.maximize(),
+                options.eps_inside_sqrt(), lr_tensor);
+}
+
+void rowwise_adagrad_step_(at::TensorList params, const OptionalTensorList& grads,
+                           at::TensorList sums, at::TensorList steps,
+                           const RowWiseAdagradOptions& options,
+                           const std::optional<at::Tensor>& lr_tensor) {
+  rowwise_adagrad_step_(params, grads, sums, steps, options.lr(), options.lr_decay(),
+                        options.weight_decay(), options.eps(), options.maximize(),
+                        options.eps_inside_sqrt(), lr_tensor);
+}
+
 void check_adagrad_inputs(at::TensorList params, const OptionalTensorList& grads,
                           at::TensorList sums, at::TensorList steps, double weight_decay,
                           bool rowwise, const std::optional<at::Tensor>& lr_tensor) {

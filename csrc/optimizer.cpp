@@ -72,8 +72,16 @@ torch::Tensor FusedAdagrad::step(LossClosure closure) {
       kName, *this, closure, /*rowwise=*/false, &adagrad_step_, state);
 }
 
-void FusedAdagrad::save(torch::serialize::OutputArchive& archive) const { serialize(*this, archive); }
+// torch::optim::Adagrad's layout and int64 steps, so that it loads ours (see the header).
+void FusedAdagrad::save(torch::serialize::OutputArchive& archive) const {
+  common::save_optimizer<FusedAdagradOptions, FusedAdagradParamState>(kName, *this, archive,
+                                                                      /*int64_steps=*/true);
+}
 
-void FusedAdagrad::load(torch::serialize::InputArchive& archive) { serialize(*this, archive); }
+// Ours and torch::optim::Adagrad's (which name no writer).
+void FusedAdagrad::load(torch::serialize::InputArchive& archive) {
+  common::load_optimizer<FusedAdagradOptions, FusedAdagradParamState>(
+      kName, *this, archive, Variant::Elementwise, /*accepts_unnamed=*/true);
+}
 
 }  // namespace fused_adagrad

@@ -75,10 +75,18 @@ torch::Tensor RowWiseAdagrad::step(LossClosure closure) {
       kName, *this, closure, /*rowwise=*/true, &rowwise_adagrad_step_, state);
 }
 
+// Tensor steps: torch::optim::Adagrad then refuses the archive instead of taking row-wise sums
+// for its element-wise ones.
 void RowWiseAdagrad::save(torch::serialize::OutputArchive& archive) const {
-  serialize(*this, archive);
+  common::save_optimizer<RowWiseAdagradOptions, RowWiseAdagradParamState>(
+      kName, *this, archive, /*int64_steps=*/false);
 }
 
-void RowWiseAdagrad::load(torch::serialize::InputArchive& archive) { serialize(*this, archive); }
+// Only archives naming RowWiseAdagrad: an element-wise sum of a 1-d param has the shape of a
+// row-wise one, so the shapes alone would not tell a FusedAdagrad or torch archive apart.
+void RowWiseAdagrad::load(torch::serialize::InputArchive& archive) {
+  common::load_optimizer<RowWiseAdagradOptions, RowWiseAdagradParamState>(
+      kName, *this, archive, Variant::RowWise, /*accepts_unnamed=*/false);
+}
 
 }  // namespace fused_adagrad

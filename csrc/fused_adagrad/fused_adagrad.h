@@ -75,6 +75,27 @@ class FUSED_ADAGRAD_API FusedAdagrad : public torch::optim::Optimizer {
   // Validates every group before changing anything: a step that throws leaves every parameter
   // and every state tensor as it was.
   torch::Tensor step(LossClosure closure = nullptr) override;
+
+  // Checkpoints (torch::save(opt, ...), torch::load(opt, ...)) interchange with
+  // torch::optim::Adagrad's: a job can switch between the two and resume.
+  //
+  // save writes torch::optim::Adagrad's layout (torch/optim/serialize.h) with its int64 `step`,
+  // so torch's Adagrad loads the archive as its own: one format, no option to pick. Our extra
+  // options (maximize, eps_inside_sqrt) are written too; torch ignores them, it has neither. A
+  // step that an int64 would not restore exactly (not a 0-d float32 integral count on the
+  // param's device, as the optimizer creates it; possible only if the user replaced it) is
+  // written as its tensor instead, which our load restores and torch's refuses.
+  //
+  // load reads archives of FusedAdagrad (this layout, and earlier ones with a float32 tensor
+  // step) and of torch::optim::Adagrad: an int64 step becomes the float32 0-d tensor the
+  // optimizer uses (on the param's device for CUDA params; exact up to 2^24, as far as a float32
+  // step counts), and a group without maximize/eps_inside_sqrt (torch's) gets false for both.
+  // The archive's options replace each group's, as in torch; a sum, or a step not on the CPU,
+  // on a device other than its param's moves there; a param the archive has no state for gets
+  // fresh state at its next step. Everything is read and checked against the params (the
+  // shape, dtype and device a step requires) before anything changes: an archive that is
+  // truncated, corrupt, of another model or of RowWiseAdagrad raises and leaves the optimizer
+  // as it was.
   void save(torch::serialize::OutputArchive& archive) const override;
   void load(torch::serialize::InputArchive& archive) override;
 
@@ -82,11 +103,6 @@ class FUSED_ADAGRAD_API FusedAdagrad : public torch::optim::Optimizer {
   // Creates state for params that have none (e.g. added with add_param_group), using their own
   // group's initial_accumulator_value.
   FusedAdagradParamState& state_for(const torch::Tensor& p, const FusedAdagradOptions& options);
-
-  template <typename Self, typename Archive>
-  static void serialize(Self& self, Archive& archive) {
-    _TORCH_OPTIM_SERIALIZE_WITH_TEMPLATE_ARG(FusedAdagrad);
-  }
 };
 
 // Row-wise Adagrad (FBGEMM's EXACT_ROWWISE_ADAGRAD): one accumulator per row of dim 0, for
@@ -144,20 +160,36 @@ class FUSED_ADAGRAD_API RowWiseAdagrad : public torch::optim::Optimizer {
 
   // Validates every group before changing anything, as FusedAdagrad::step.
   torch::Tensor step(LossClosure closure = nullptr) override;
+
+  // The same layout as FusedAdagrad's checkpoints, but the step stays a float32 tensor (which
+  // torch::optim::Adagrad refuses to load: a row-wise sum is not its state), and the archive
+  // names RowWiseAdagrad. load takes only archives so named: one of FusedAdagrad or
+  // torch::optim::Adagrad raises, changing nothing, as does a truncated or corrupt one.
   void save(torch::serialize::OutputArchive& archive) const override;
   void load(torch::serialize::InputArchive& archive) override;
 
  private:
   RowWiseAdagradParamState& state_for(const torch::Tensor& p, const RowWiseAdagradOptions& options);
-
-  template <typename Self, typename Archive>
-  static void serialize(Self& self, Archive& archive) {
-    _TORCH_OPTIM_SERIALIZE_WITH_TEMPLATE_ARG(RowWiseAdagrad);
-  }
 };
 
 // The ops, called through the dispatcher (CPU, CUDA when built with it, Meta). See csrc/ops.cpp
 // for the schemas. `steps` are incremented by the op for every param that has a grad.
+//
+// With the hyperparameters from an options object, named as in the optimizers:
+//   fused_adagrad::adagrad_step_(params, grads, sums, steps,
+//                                FusedAdagradOptions(0.05).lr_decay(1e-3).eps_inside_sqrt(true));
+// initial_accumulator_value is not the op's (it only sets up a new sum). Same checks and result
+// as the raw op below: the range checks (a negative lr, ...) are the optimizers'.
+FUSED_ADAGRAD_API void adagrad_step_(at::TensorList params, const OptionalTensorList& grads,
+                                     at::TensorList sums, at::TensorList steps,
+                                     const FusedAdagradOptions& options,
+                                     const std::optional<at::Tensor>& lr_tensor = std::nullopt);
+FUSED_ADAGRAD_API void rowwise_adagrad_step_(
+    at::TensorList params, const OptionalTensorList& grads, at::TensorList sums,
+    at::TensorList steps, const RowWiseAdagradOptions& options,
+    const std::optional<at::Tensor>& lr_tensor = std::nullopt);
+
+// The raw ops, every hyperparameter by position in the schema's order.
 FUSED_ADAGRAD_API void adagrad_step_(at::TensorList params, const OptionalTensorList& grads,
                              at::TensorList sums, at::TensorList steps, double lr, double lr_decay,
                              double weight_decay, double eps, bool maximize, bool eps_inside_sqrt,
