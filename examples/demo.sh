@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
-# The demo: sets up .venv (torch==2.13.0) and the build if needed, then trains a small model with
-# torch.optim.Adagrad and FusedAdagrad side by side and prints the parity verdict and the speedup.
+# The demo: sets up .venv (torch==2.13.0) and the build if needed, installs matplotlib for the plot
+# if missing, then trains a small model with torch.optim.Adagrad (default and fused=True) and
+# FusedAdagrad side by side and prints the parity verdict and the speedup. Arguments go to demo.py
+# (--out PATH for the PNG; default build/demo.png).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 source "$ROOT/tests/setup_env.sh"
-cd "$ROOT/examples" && python demo.py
+if ! python -c "import matplotlib" 2>/dev/null; then
+  echo "==> installing matplotlib (for the demo's plot only)"
+  python -m pip install -q matplotlib
+fi
+cd "$ROOT/examples" && python demo.py "$@"
