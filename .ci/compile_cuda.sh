@@ -1,15 +1,24 @@
 #!/usr/bin/env bash
 # Compiles every cuda/*.cu to an object file with nvcc, with the flags setup.py's CUDA build
-# uses, so CUDA code that does not compile never lands, even on machines without a GPU and
+# uses (ours and the default architectures from build_settings.env, as setup.py and CMake read
+# them), so CUDA code that does not compile never lands, even on machines without a GPU and
 # with a CPU-only torch (which cannot link these objects, but ships the headers they need).
 #
-#   .ci/compile_cuda.sh              # architectures from TORCH_CUDA_ARCH_LIST, default 8.0;9.0
+#   .ci/compile_cuda.sh              # architectures from TORCH_CUDA_ARCH_LIST, default in build_settings.env
 #   PTXAS_VERBOSE=1 .ci/compile_cuda.sh   # also print registers and spills per kernel
 #   CUDA_STD=c++20 .ci/compile_cuda.sh    # as recent torch builds extensions (2.13 does)
 #
 # Uses whatever `python` is on PATH to find torch's headers; exits 0 when nvcc is absent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+setting() {  # NAME: its value in build_settings.env
+  grep -q "^$1=\"" build_settings.env || { echo "compile_cuda: no $1 in build_settings.env" >&2; exit 1; }
+  sed -n "s/^$1=\"\(.*\)\"\$/\1/p" build_settings.env
+}
+default_archs="$(setting CUDA_ARCH_LIST)"
+nvcc_flags="$(setting NVCC_FLAGS)"
+read -r -a nvcc_flags <<<"$nvcc_flags"
 
 NVCC="${NVCC:-}"
 if [[ -z "$NVCC" ]]; then
@@ -59,7 +68,7 @@ fi
 # TORCH_CUDA_ARCH_LIST as torch reads it: "8.0;9.0", "8.0 9.0+PTX", "9.0a".
 arch_flags=()
 arch_names=()
-for arch in $(tr ';' ' ' <<<"${TORCH_CUDA_ARCH_LIST:-8.0;9.0}"); do
+for arch in $(tr ';' ' ' <<<"${TORCH_CUDA_ARCH_LIST:-$default_archs}"); do
   number="${arch%+PTX}"
   if [[ ! "$number" =~ ^[0-9]+\.[0-9]+[a-z]?$ ]]; then
     echo "compile_cuda: cannot read '$arch' in TORCH_CUDA_ARCH_LIST (use numbers like 8.0;9.0+PTX)" >&2
@@ -77,7 +86,7 @@ done
 # The flags torch.utils.cpp_extension gives nvcc for setup.py's CUDAExtension, plus ours. The
 # default standard is the oldest one torch >= 2.4 builds extensions with.
 std="${CUDA_STD:-c++17}"
-flags=(-c "-std=$std" -O3 -Xcompiler -fPIC
+flags=(-c "-std=$std" "${nvcc_flags[@]}" -Xcompiler -fPIC
   -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__
   -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ --expt-relaxed-constexpr
   "-D_GLIBCXX_USE_CXX11_ABI=${cxx11_abi}"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs every test: pytest (tests/python) and the GoogleTest suite plus the find_package consumer
-# (ctest). Sets up what it needs first: .venv with torch==2.13.0, the build, GoogleTest.
+# Runs every test: pytest (tests/python), the GoogleTest suite plus the find_package consumer
+# (ctest), and C++ programs built against the pip install alone (tests/pip_consumer.sh). Sets up
+# what it needs first: .venv with torch==2.13.0, the build, GoogleTest.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 source "$ROOT/tests/setup_env.sh"
@@ -26,4 +27,7 @@ cmake -S "$ROOT" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release \
   -DCMAKE_PREFIX_PATH="$(python -c 'import torch; print(torch.utils.cmake_prefix_path)')" >/dev/null
 cmake --build "$BUILD" -j "$(nproc)"
 ctest --test-dir "$BUILD" --output-on-failure
+
+echo "==> C++ programs against the pip-installed package"
+bash "$ROOT/tests/pip_consumer.sh" python
 echo "==> all tests passed"

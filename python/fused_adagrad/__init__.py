@@ -4,6 +4,8 @@
     opt = FusedAdagrad(model.parameters(), lr=0.01)   # same arguments as torch.optim.Adagrad
     emb_opt = RowWiseAdagrad(embeddings.parameters())  # one accumulator per row
 """
+import os
+
 import torch
 from packaging.version import Version
 
@@ -35,9 +37,14 @@ from .optimizer import FusedAdagrad  # noqa: E402
 from .rowwise import RowWiseAdagrad  # noqa: E402
 
 
+# For C++ programs, like torch.utils.cmake_prefix_path: with both in CMAKE_PREFIX_PATH,
+# find_package(FusedAdagrad) finds the config, library and headers this package ships.
+cmake_prefix_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "share", "cmake")
+
+
 def build_info() -> dict:
     """Version, torch built against, SIMD kernels compiled in and the one this CPU uses, CUDA."""
     return _C.build_info()
 
 
-__all__ = ["FusedAdagrad", "RowWiseAdagrad", "build_info", "__version__"]
+__all__ = ["FusedAdagrad", "RowWiseAdagrad", "build_info", "cmake_prefix_path", "__version__"]
