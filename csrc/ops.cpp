@@ -21,32 +21,53 @@ template <Variant kVariant>
 void step_meta(at::TensorList params, const OptionalTensorList& grads, at::TensorList sums,
                at::TensorList steps, double, double, double weight_decay, double, bool, bool,
                const std::optional<at::Tensor>& lr_tensor) {
-  check_metadata(kVariant, params, grads, sums, steps, weight_decay, lr_tensor);
+  check_metadata(kVariant, params, grads.vec(), sums, steps, weight_decay, lr_tensor);
 }
 
-// Both step ops have this signature.
+void step_groups_meta(at::TensorList params, const OptionalTensorList& grads, at::TensorList sums,
+                      at::TensorList steps, c10::IntArrayRef group_sizes, c10::ArrayRef<double> lr,
+                      c10::ArrayRef<double> lr_decay, c10::ArrayRef<double> weight_decay,
+                      c10::ArrayRef<double> eps, const c10::List<bool>& maximize,
+                      const c10::List<bool>& eps_inside_sqrt, const OptionalTensorList& lr_tensor,
+                      bool rowwise) {
+  check_group_metadata(
+      rowwise ? Variant::RowWise : Variant::Elementwise, params, grads.vec(), sums, steps,
+      group_spans({group_sizes, lr, lr_decay, weight_decay, eps, maximize, eps_inside_sqrt, lr_tensor}),
+      true);
+}
+
+// The signatures of the step ops (the two per-group ones share one).
 using StepFn = void(at::TensorList, const OptionalTensorList&, at::TensorList, at::TensorList,
                     double, double, double, double, bool, bool, const std::optional<at::Tensor>&);
+using StepGroupsFn = void(at::TensorList, const OptionalTensorList&, at::TensorList, at::TensorList,
+                          c10::IntArrayRef, c10::ArrayRef<double>, c10::ArrayRef<double>,
+                          c10::ArrayRef<double>, c10::ArrayRef<double>, const c10::List<bool>&,
+                          const c10::List<bool>&, const OptionalTensorList&, bool);
+
+template <typename Fn>
+c10::TypedOperatorHandle<Fn> typed_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
+}
 
 template <Variant kVariant>
 c10::TypedOperatorHandle<StepFn> step_op() {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow(kVariant == Variant::Elementwise ? "fused_adagrad::adagrad_step_"
-                                                              : "fused_adagrad::rowwise_adagrad_step_",
-                             "")
-          .typed<StepFn>();
+  static const auto op = typed_op<StepFn>(kVariant == Variant::Elementwise
+                                              ? "fused_adagrad::adagrad_step_"
+                                              : "fused_adagrad::rowwise_adagrad_step_");
   return op;
 }
 
-// The step is not differentiable. Like ATen's in-place ops it refuses, in grad mode, to write a
-// tensor that requires grad, and it bumps the version counter of every tensor it writes, so a
+c10::TypedOperatorHandle<StepGroupsFn> step_groups_op() {
+  static const auto op = typed_op<StepGroupsFn>("fused_adagrad::adagrad_step_groups_");
+  return op;
+}
+
+// The steps are not differentiable. Like ATen's in-place ops they refuse, in grad mode, to write
+// a tensor that requires grad, and they bump the version counter of every tensor they write, so a
 // backward through a value saved before the step fails loudly instead of using the new values.
-template <Variant kVariant>
-void step_autograd(c10::DispatchKeySet keys, at::TensorList params, const OptionalTensorList& grads,
-                   at::TensorList sums, at::TensorList steps, double lr, double lr_decay,
-                   double weight_decay, double eps, bool maximize, bool eps_inside_sqrt,
-                   const std::optional<at::Tensor>& lr_tensor) {
+template <typename Redispatch>
+void autograd_around(at::TensorList params, at::TensorList sums, at::TensorList steps,
+                     Redispatch&& redispatch) {
   const std::initializer_list<at::TensorList> written{params, sums, steps};
   if (at::GradMode::is_enabled()) {
     for (at::TensorList list : written) {
@@ -59,22 +80,37 @@ void step_autograd(c10::DispatchKeySet keys, at::TensorList params, const Option
   }
   {
     at::AutoDispatchBelowADInplaceOrView guard;
-    step_op<kVariant>().redispatch(keys & c10::after_ADInplaceOrView_keyset, params, grads, sums,
-                                   steps, lr, lr_decay, weight_decay, eps, maximize,
-                                   eps_inside_sqrt, lr_tensor);
+    redispatch();
   }
   for (at::TensorList list : written) {
     for (const at::Tensor& t : list) torch::autograd::impl::bump_version(t);
   }
 }
 
-// Everything the step would refuse, including the indices of CPU sparse grads, so that a bad
-// tensor in a later group fails the step before an earlier group changed.
-void check_adagrad_inputs_impl(at::TensorList params, const OptionalTensorList& grads,
-                               at::TensorList sums, at::TensorList steps, double weight_decay,
-                               bool rowwise, const std::optional<at::Tensor>& lr_tensor) {
-  validate_step(rowwise ? Variant::RowWise : Variant::Elementwise, params, grads, sums, steps,
-                weight_decay, lr_tensor);
+template <Variant kVariant>
+void step_autograd(c10::DispatchKeySet keys, at::TensorList params, const OptionalTensorList& grads,
+                   at::TensorList sums, at::TensorList steps, double lr, double lr_decay,
+                   double weight_decay, double eps, bool maximize, bool eps_inside_sqrt,
+                   const std::optional<at::Tensor>& lr_tensor) {
+  autograd_around(params, sums, steps, [&] {
+    step_op<kVariant>().redispatch(keys & c10::after_ADInplaceOrView_keyset, params, grads, sums,
+                                   steps, lr, lr_decay, weight_decay, eps, maximize,
+                                   eps_inside_sqrt, lr_tensor);
+  });
+}
+
+void step_groups_autograd(c10::DispatchKeySet keys, at::TensorList params,
+                          const OptionalTensorList& grads, at::TensorList sums,
+                          at::TensorList steps, c10::IntArrayRef group_sizes,
+                          c10::ArrayRef<double> lr, c10::ArrayRef<double> lr_decay,
+                          c10::ArrayRef<double> weight_decay, c10::ArrayRef<double> eps,
+                          const c10::List<bool>& maximize, const c10::List<bool>& eps_inside_sqrt,
+                          const OptionalTensorList& lr_tensor, bool rowwise) {
+  autograd_around(params, sums, steps, [&] {
+    step_groups_op().redispatch(keys & c10::after_ADInplaceOrView_keyset, params, grads, sums,
+                                steps, group_sizes, lr, lr_decay, weight_decay, eps, maximize,
+                                eps_inside_sqrt, lr_tensor, rowwise);
+  });
 }
 
 }  // namespace
@@ -96,23 +132,26 @@ TORCH_LIBRARY(fused_adagrad, m) {
       "rowwise_adagrad_step_(Tensor(a!)[] params, Tensor?[] grads, Tensor(b!)[] sums, "
       "Tensor(c!)[] steps, *, float lr, float lr_decay, float weight_decay, float eps, "
       "bool maximize, bool eps_inside_sqrt=False, Tensor? lr_tensor=None) -> ()");
-  // The validation a step op starts with, alone: front ends run it on every param group
-  // before stepping any, so a bad tensor in the last group leaves the first untouched.
+  // Several param groups in one call (what FusedAdagrad and RowWiseAdagrad run): group g is the
+  // next group_sizes[g] params, with entry g of each option list. Everything is validated,
+  // across groups, before any group changes; errors name the group.
   m.def(
-      "check_adagrad_inputs(Tensor[] params, Tensor?[] grads, Tensor[] sums, Tensor[] steps, *, "
-      "float weight_decay, bool rowwise=False, Tensor? lr_tensor=None) -> ()");
-  m.impl("check_adagrad_inputs", c10::DispatchKey::CompositeImplicitAutograd,
-         &check_adagrad_inputs_impl);
+      "adagrad_step_groups_(Tensor(a!)[] params, Tensor?[] grads, Tensor(b!)[] sums, "
+      "Tensor(c!)[] steps, *, int[] group_sizes, float[] lr, float[] lr_decay, "
+      "float[] weight_decay, float[] eps, bool[] maximize, bool[] eps_inside_sqrt, "
+      "Tensor?[] lr_tensor, bool rowwise=False) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fused_adagrad, Meta, m) {
   m.impl("adagrad_step_", &step_meta<Variant::Elementwise>);
   m.impl("rowwise_adagrad_step_", &step_meta<Variant::RowWise>);
+  m.impl("adagrad_step_groups_", &step_groups_meta);
 }
 
 TORCH_LIBRARY_IMPL(fused_adagrad, Autograd, m) {
   m.impl("adagrad_step_", &step_autograd<Variant::Elementwise>);
   m.impl("rowwise_adagrad_step_", &step_autograd<Variant::RowWise>);
+  m.impl("adagrad_step_groups_", &step_groups_autograd);
 }
 
 void adagrad_step_(at::TensorList params, const OptionalTensorList& grads, at::TensorList sums,
@@ -147,14 +186,14 @@ void rowwise_adagrad_step_(at::TensorList params, const OptionalTensorList& grad
                         options.eps_inside_sqrt(), lr_tensor);
 }
 
-void check_adagrad_inputs(at::TensorList params, const OptionalTensorList& grads,
-                          at::TensorList sums, at::TensorList steps, double weight_decay,
-                          bool rowwise, const std::optional<at::Tensor>& lr_tensor) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("fused_adagrad::check_adagrad_inputs", "")
-                       .typed<void(at::TensorList, const OptionalTensorList&, at::TensorList,
-                                   at::TensorList, double, bool, const std::optional<at::Tensor>&)>();
-  op.call(params, grads, sums, steps, weight_decay, rowwise, lr_tensor);
+void adagrad_step_groups_(at::TensorList params, const OptionalTensorList& grads,
+                          at::TensorList sums, at::TensorList steps, c10::IntArrayRef group_sizes,
+                          c10::ArrayRef<double> lr, c10::ArrayRef<double> lr_decay,
+                          c10::ArrayRef<double> weight_decay, c10::ArrayRef<double> eps,
+                          const c10::List<bool>& maximize, const c10::List<bool>& eps_inside_sqrt,
+                          const OptionalTensorList& lr_tensor, bool rowwise) {
+  step_groups_op().call(params, grads, sums, steps, group_sizes, lr, lr_decay, weight_decay, eps,
+                        maximize, eps_inside_sqrt, lr_tensor, rowwise);
 }
 
 BuildInfo build_info() {

@@ -69,7 +69,7 @@ torch::Tensor FusedAdagrad::step(LossClosure closure) {
     return state_for(p, o);
   };
   return common::step_param_groups<FusedAdagradOptions>(
-      kName, *this, closure, /*rowwise=*/false, &adagrad_step_, state);
+      kName, *this, closure, /*rowwise=*/false, state);
 }
 
 // torch::optim::Adagrad's layout and int64 steps, so that it loads ours (see the header).

@@ -384,8 +384,7 @@ void load_optimizer(const char* name, torch::optim::Optimizer& opt,
             }
           }
           try {
-            OptionalTensorList no_grad;
-            no_grad.push_back(std::nullopt);
+            const std::vector<std::optional<at::Tensor>> no_grad{std::nullopt};
             check_metadata(variant, {p}, no_grad, {sum}, {step}, /*weight_decay=*/0,
                            std::nullopt);
           } catch (const c10::Error& e) {
@@ -420,19 +419,14 @@ void load_optimizer(const char* name, torch::optim::Optimizer& opt,
   }
 }
 
-// adagrad_step_ and rowwise_adagrad_step_.
-using StepOp = void (*)(at::TensorList, const OptionalTensorList&, at::TensorList, at::TensorList,
-                        double, double, double, double, bool, bool,
-                        const std::optional<at::Tensor>&);
-
-// Optimizer::step for both: runs the closure, then validates every group (check_adagrad_inputs)
-// before `op` steps any, so a step that throws changes no param and no state. Each group is
-// passed whole, in order, so errors name the param's index in its group; a param without grad
-// is passed with grad None.
+// Optimizer::step for both: runs the closure, then steps every group in one call of
+// adagrad_step_groups_, which validates all of them before it changes any, so a step that throws
+// changes no param and no state. A param without grad is passed with grad None, so errors name
+// the group and the param's index in it.
 template <typename Options, typename StateFor>
 torch::Tensor step_param_groups(const char* name, torch::optim::Optimizer& opt,
                                 const torch::optim::Optimizer::LossClosure& closure,
-                                bool rowwise, StepOp op, StateFor&& state_for) {
+                                bool rowwise, StateFor&& state_for) {
   torch::NoGradGuard no_grad;
   torch::Tensor loss = {};
   if (closure != nullptr) {
@@ -440,35 +434,35 @@ torch::Tensor step_param_groups(const char* name, torch::optim::Optimizer& opt,
     loss = closure();
   }
 
-  struct GroupInputs {
-    std::vector<at::Tensor> params, sums, steps;
-    OptionalTensorList grads;
-  };
-  auto& groups = opt.param_groups();
-  std::vector<GroupInputs> inputs(groups.size());
-  for (size_t g = 0; g < groups.size(); ++g) {
-    const auto& options = static_cast<const Options&>(groups[g].options());
+  std::vector<at::Tensor> params, sums, steps;
+  OptionalTensorList grads, lr_tensors;
+  std::vector<int64_t> sizes;
+  std::vector<double> lr, lr_decay, weight_decay, eps;
+  c10::List<bool> maximize, eps_inside_sqrt;
+  for (const auto& group : opt.param_groups()) {
+    const auto& options = static_cast<const Options&>(group.options());
     check_options(options);
-    GroupInputs& in = inputs[g];
-    for (const auto& p : groups[g].params()) {
+    for (const auto& p : group.params()) {
       auto& state = state_for(p, options);
-      in.params.push_back(p);
-      in.grads.push_back(p.grad().defined() ? std::optional<at::Tensor>(p.grad()) : std::nullopt);
-      in.sums.push_back(state.sum());
-      in.steps.push_back(state.step());
+      params.push_back(p);
+      grads.push_back(p.grad().defined() ? std::optional<at::Tensor>(p.grad()) : std::nullopt);
+      sums.push_back(state.sum());
+      steps.push_back(state.step());
     }
-    try {
-      check_adagrad_inputs(in.params, in.grads, in.sums, in.steps, options.weight_decay(),
-                           rowwise);
-    } catch (const c10::Error& e) {
-      TORCH_CHECK(false, name, ": param group ", g, ", ", e.what_without_backtrace());
-    }
+    sizes.push_back(static_cast<int64_t>(group.params().size()));
+    lr.push_back(options.lr());
+    lr_decay.push_back(options.lr_decay());
+    weight_decay.push_back(options.weight_decay());
+    eps.push_back(options.eps());
+    maximize.push_back(options.maximize());
+    eps_inside_sqrt.push_back(options.eps_inside_sqrt());
+    lr_tensors.push_back(std::nullopt);
   }
-  for (size_t g = 0; g < groups.size(); ++g) {
-    const auto& o = static_cast<const Options&>(groups[g].options());
-    GroupInputs& in = inputs[g];
-    op(in.params, in.grads, in.sums, in.steps, o.lr(), o.lr_decay(), o.weight_decay(), o.eps(),
-       o.maximize(), o.eps_inside_sqrt(), std::nullopt);
+  try {
+    adagrad_step_groups_(params, grads, sums, steps, sizes, lr, lr_decay, weight_decay, eps,
+                         maximize, eps_inside_sqrt, lr_tensors, rowwise);
+  } catch (const c10::Error& e) {
+    TORCH_CHECK(false, name, ": ", e.what_without_backtrace());
   }
   return loss;
 }

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <string>
 
 namespace fused_adagrad {
 
@@ -21,10 +22,7 @@ bool supported_param_dtype(at::ScalarType t) {
   }
 }
 
-bool has_grad(const OptionalTensorList& grads, size_t i) {
-  const std::optional<at::Tensor> g = grads[i];
-  return g.has_value() && g->defined();
-}
+bool has_grad(GradList grads, size_t i) { return grads[i].has_value() && grads[i]->defined(); }
 
 void check_sum(Variant variant, size_t i, const at::Tensor& p, const at::Tensor& s) {
   TORCH_CHECK(s.defined(), "param ", i, ": state 'sum' is undefined");
@@ -101,11 +99,23 @@ void add_extent(std::vector<Extent>& out, const at::Tensor& t, size_t param, con
                  base + static_cast<uintptr_t>((high + 1) * item), &t, param, role, written});
 }
 
+// How errors name a param given its index in the op's lists: "param 3", or, for an op over
+// several param groups (whose ends are given), "param group 1, param 0".
+struct ParamNames {
+  std::vector<size_t> group_ends;
+  std::string operator()(size_t i) const {
+    if (group_ends.empty()) return "param " + std::to_string(i);
+    const size_t g = std::upper_bound(group_ends.begin(), group_ends.end(), i) - group_ends.begin();
+    const size_t begin = g == 0 ? 0 : group_ends[g - 1];
+    return "param group " + std::to_string(g) + ", param " + std::to_string(i - begin);
+  }
+};
+
 // A step writes params, sums and steps: none of them may share memory with another tensor of
 // the step (the second write would be lost, or a grad change under the update). Extents are
 // sorted, so only neighbours whose ranges meet are compared: O(n log n) for n tensors.
-void check_no_aliasing(at::TensorList params, const OptionalTensorList& grads,
-                       at::TensorList sums, at::TensorList steps) {
+void check_no_aliasing(at::TensorList params, GradList grads, at::TensorList sums,
+                       at::TensorList steps, const ParamNames& name) {
   std::vector<Extent> extents;
   std::vector<at::Tensor> grad_parts;  // owns the tensors the extents of sparse grads point to
   grad_parts.reserve(2 * params.size());
@@ -126,7 +136,7 @@ void check_no_aliasing(at::TensorList params, const OptionalTensorList& grads,
   }
   for (const Extent& e : extents) {
     TORCH_CHECK(!e.written || at::has_internal_overlap(*e.tensor) != at::MemOverlap::Yes,
-                "param ", e.param, ": ", e.role,
+                name(e.param), ": ", e.role,
                 " has elements that share memory (e.g. an expanded tensor), so it cannot be "
                 "updated in place");
   }
@@ -142,7 +152,7 @@ void check_no_aliasing(at::TensorList params, const OptionalTensorList& grads,
       if (status != at::MemOverlapStatus::Full && status != at::MemOverlapStatus::Partial) {
         continue;
       }
-      TORCH_CHECK(false, "param ", x.param, ": ", x.role, " shares memory with param ", y.param,
+      TORCH_CHECK(false, name(x.param), ": ", x.role, " shares memory with ", name(y.param),
                   "'s ", y.role, "; a step writes ", x.written ? x.role : y.role,
                   ", so each param, sum and step must be a tensor of its own");
     }
@@ -194,7 +204,7 @@ CaptureQuery capture_query = nullptr;
 // A captured graph replays the kernels with the arguments of the capture: a step counted on the
 // host or an lr read from a host tensor would stay at their captured values, and a sparse grad's
 // rows (their number included) change every step.
-void check_capturable(at::TensorList params, const OptionalTensorList& grads, at::TensorList steps,
+void check_capturable(at::TensorList params, GradList grads, at::TensorList steps,
                       const std::optional<at::Tensor>& lr_tensor) {
   if (capture_query == nullptr) return;
   std::vector<at::Device> capturing;
@@ -267,7 +277,7 @@ at::ScalarType rowwise_sum_dtype(at::ScalarType param_dtype) {
   return param_dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-void check_metadata(Variant variant, at::TensorList params, const OptionalTensorList& grads,
+void check_metadata(Variant variant, at::TensorList params, GradList grads,
                     at::TensorList sums, at::TensorList steps, double weight_decay,
                     const std::optional<at::Tensor>& lr_tensor) {
   const size_t n = params.size();
@@ -324,38 +334,38 @@ CudaLaunchQuery launch_query = nullptr;
 void set_cuda_launch_query(CudaLaunchQuery query) { launch_query = query; }
 CudaLaunchInfo cuda_launch_info() { return launch_query != nullptr ? launch_query() : CudaLaunchInfo{}; }
 
-void validate_step(Variant variant, at::TensorList params, const OptionalTensorList& grads,
-                   at::TensorList sums, at::TensorList steps, double weight_decay,
-                   const std::optional<at::Tensor>& lr_tensor) {
-  check_metadata(variant, params, grads, sums, steps, weight_decay, lr_tensor);
-  check_no_aliasing(params, grads, sums, steps);
-  check_capturable(params, grads, steps, lr_tensor);
-  for (size_t i = 0; i < params.size(); ++i) {
-    if (!has_grad(grads, i)) continue;
-    const at::Tensor g = *grads[i];
-    if (g.is_sparse() && params[i].numel() != 0) checked_sparse_rows(i, g);
+namespace {
+
+// Runs `check` for group `g`; with named groups, its error gains the group's name, so that
+// "param 0: ..." says which group's param 0.
+template <typename Check>
+void in_group(bool name_groups, size_t g, Check&& check) {
+  if (!name_groups) return check();
+  try {
+    check();
+  } catch (const c10::Error& e) {
+    TORCH_CHECK(false, "param group ", g, ", ", e.msg());
   }
 }
 
-StepPlan plan_step(Variant variant, at::TensorList params, const OptionalTensorList& grads,
-                   at::TensorList sums, at::TensorList steps, double weight_decay,
-                   const std::optional<at::Tensor>& lr_tensor) {
-  check_metadata(variant, params, grads, sums, steps, weight_decay, lr_tensor);
-  check_no_aliasing(params, grads, sums, steps);
-  check_capturable(params, grads, steps, lr_tensor);
-
-  // Below, only the sparse index check can throw; staging copies allocate but change nothing
-  // the user holds.
+// One group's layout work: dense params by (device, dtype), sparse ones with their checked rows.
+StepPlan plan_group(Variant variant, at::TensorList params, GradList grads, at::TensorList sums,
+                    const GroupSpan& span) {
+  // Only the sparse index check can throw; staging copies allocate but change nothing the user
+  // holds.
   StepPlan plan;
+  plan.begin = span.begin;
+  plan.count = span.count;
+  plan.options = span.options;
   for (size_t i = 0; i < params.size(); ++i) {
     if (!has_grad(grads, i)) continue;  // no grad: no step, like torch
     plan.stepping.push_back(i);
     const at::Tensor& p = params[i];
-    const at::Tensor g = *grads[i];
-    if (p.numel() == 0) continue;
+    const at::Tensor& g = *grads[i];
     if (g.is_sparse()) {
+      // Checked on an empty table too: any index into a zero-size dimension is out of range.
       std::vector<int64_t> row_of = checked_sparse_rows(i, g);  // throws on a bad index
-      if (g._nnz() == 0) continue;
+      if (g._nnz() == 0 || p.numel() == 0) continue;
       int64_t row_count = 1;
       for (int64_t d = 0; d < g.sparse_dim(); ++d) row_count *= g.size(d);
       plan.sparse.push_back({i, contiguous_work(p, plan.staged), contiguous_work(sums[i], plan.staged),
@@ -363,6 +373,7 @@ StepPlan plan_step(Variant variant, at::TensorList params, const OptionalTensorL
                              p.numel() / row_count});
       continue;
     }
+    if (p.numel() == 0) continue;
     DenseParam work = variant == Variant::Elementwise
                           ? elementwise_layout(i, p, g, sums[i], plan)
                           : rowwise_layout(i, p, g, sums[i], plan);
@@ -376,6 +387,87 @@ StepPlan plan_step(Variant variant, at::TensorList params, const OptionalTensorL
     group->params.push_back(std::move(work));
   }
   return plan;
+}
+
+void check_spans(size_t n, const std::vector<GroupSpan>& groups) {
+  size_t next = 0;
+  for (const GroupSpan& span : groups) {
+    TORCH_CHECK(span.begin == next, "fused_adagrad: param groups must cover the lists in order");
+    next += span.count;
+  }
+  TORCH_CHECK(next == n, "fused_adagrad: the group sizes add up to ", next, " but the lists hold ",
+              n, " params");
+}
+
+}  // namespace
+
+std::vector<GroupSpan> group_spans(const GroupArgs& a) {
+  const size_t n = a.sizes.size();
+  TORCH_CHECK(a.lr.size() == n && a.lr_decay.size() == n && a.weight_decay.size() == n &&
+                  a.eps.size() == n && a.maximize.size() == n && a.eps_inside_sqrt.size() == n &&
+                  a.lr_tensor.size() == n,
+              "fused_adagrad: group_sizes and every per-group option list must have one entry per "
+              "param group (", n, " groups)");
+  std::vector<GroupSpan> spans;
+  spans.reserve(n);
+  size_t begin = 0;
+  for (size_t g = 0; g < n; ++g) {
+    TORCH_CHECK(a.sizes[g] >= 0, "fused_adagrad: param group ", g, " has a negative size");
+    const auto count = static_cast<size_t>(a.sizes[g]);
+    std::optional<at::Tensor> lr_tensor = a.lr_tensor[g];
+    spans.push_back({begin, count,
+                     StepOptions{a.lr[g], a.lr_decay[g], a.weight_decay[g], a.eps[g], a.maximize[g],
+                                 a.eps_inside_sqrt[g], std::move(lr_tensor)}});
+    begin += count;
+  }
+  return spans;
+}
+
+void check_group_metadata(Variant variant, at::TensorList params, GradList grads,
+                          at::TensorList sums, at::TensorList steps,
+                          const std::vector<GroupSpan>& groups, bool name_groups) {
+  TORCH_CHECK(grads.size() == params.size() && sums.size() == params.size() &&
+                  steps.size() == params.size(),
+              "fused_adagrad: params, grads, sums and steps must have the same length, got ",
+              params.size(), ", ", grads.size(), ", ", sums.size(), " and ", steps.size());
+  check_spans(params.size(), groups);
+  for (size_t g = 0; g < groups.size(); ++g) {
+    const GroupSpan& span = groups[g];
+    in_group(name_groups, g, [&] {
+      check_metadata(variant, params.slice(span.begin, span.count),
+                     grads.slice(span.begin, span.count), sums.slice(span.begin, span.count),
+                     steps.slice(span.begin, span.count), span.options.weight_decay,
+                     span.options.lr_tensor);
+    });
+  }
+}
+
+std::vector<StepPlan> plan_groups(Variant variant, at::TensorList params, GradList grads,
+                                  at::TensorList sums, at::TensorList steps,
+                                  const std::vector<GroupSpan>& groups, bool name_groups) {
+  check_group_metadata(variant, params, grads, sums, steps, groups, name_groups);
+  // Every tensor of the step against every other, across groups too.
+  std::vector<size_t> ends;
+  for (const GroupSpan& span : groups) ends.push_back(span.begin + span.count);
+  check_no_aliasing(params, grads, sums, steps, ParamNames{name_groups ? ends : std::vector<size_t>{}});
+  std::vector<StepPlan> plans;
+  plans.reserve(groups.size());
+  for (size_t g = 0; g < groups.size(); ++g) {
+    const GroupSpan& span = groups[g];
+    const auto slice = [&](auto list) { return list.slice(span.begin, span.count); };
+    in_group(name_groups, g, [&] {
+      check_capturable(slice(params), slice(grads), slice(steps), span.options.lr_tensor);
+      plans.push_back(plan_group(variant, slice(params), slice(grads), slice(sums), span));
+    });
+  }
+  return plans;
+}
+
+StepPlan plan_step(Variant variant, at::TensorList params, GradList grads, at::TensorList sums,
+                   at::TensorList steps, const StepOptions& options) {
+  return std::move(
+      plan_groups(variant, params, grads, sums, steps, {GroupSpan{0, params.size(), options}}, false)
+          .front());
 }
 
 void StepPlan::write_back() const {

@@ -1,8 +1,8 @@
 // The layer between the ops and the kernels (../shared/reference/architecture.md): every backend
-// hands a step's tensors to plan_step, which validates all of them, then lays out the work as
-// homogeneous groups (one device and dtype, one memory layout) for the kernels. Everything that
-// can fail happens here, before any tensor changes; after it, a backend only increments steps,
-// runs its kernels and calls write_back().
+// hands a step's tensors to plan_groups (or plan_step, for one param group), which validates all
+// of them, then lays out each group's work as homogeneous sets (one device and dtype, one memory
+// layout) for the kernels. Everything that can fail happens here, before any tensor changes;
+// after it, a backend only increments steps, runs its kernels and calls write_back().
 #pragma once
 
 #include "fused_adagrad/fused_adagrad.h"
@@ -15,12 +15,32 @@ namespace fused_adagrad {
 // row of dim 0 (FBGEMM's EXACT_ROWWISE_ADAGRAD), in float32 (float64 for float64 params).
 enum class Variant { Elementwise, RowWise };
 
-// The hyperparameters of one op call (one param group).
+// The hyperparameters of one param group.
 struct StepOptions {
   double lr, lr_decay, weight_decay, eps;
   bool maximize, eps_inside_sqrt;
   std::optional<at::Tensor> lr_tensor;  // when given, takes the place of lr
 };
+
+// One param group of an op call: `count` params from `begin` in the op's lists.
+struct GroupSpan {
+  size_t begin, count;
+  StepOptions options;
+};
+
+// The op's grads (None for a param without one), sliceable per group.
+using GradList = c10::ArrayRef<std::optional<at::Tensor>>;
+
+// The per-group arguments of adagrad_step_groups_ (one entry per group), as the dispatcher
+// hands them over, and the spans they describe; throws if the lists disagree in length.
+struct GroupArgs {
+  c10::IntArrayRef sizes;
+  c10::ArrayRef<double> lr, lr_decay, weight_decay, eps;
+  const c10::List<bool>& maximize;
+  const c10::List<bool>& eps_inside_sqrt;
+  const OptionalTensorList& lr_tensor;
+};
+std::vector<GroupSpan> group_spans(const GroupArgs& args);
 
 // The shape and dtype of a row-wise sum for `param`: (rows,) or () for a 0-d param.
 std::vector<int64_t> rowwise_sum_shape(const at::Tensor& param);
@@ -28,9 +48,15 @@ at::ScalarType rowwise_sum_dtype(at::ScalarType param_dtype);
 
 // Checks the metadata of every tensor (so it also runs on meta and fake tensors) and throws
 // (TORCH_CHECK, RuntimeError in Python) naming the param's index and the problem.
-void check_metadata(Variant variant, at::TensorList params, const OptionalTensorList& grads,
-                    at::TensorList sums, at::TensorList steps, double weight_decay,
+void check_metadata(Variant variant, at::TensorList params, GradList grads, at::TensorList sums,
+                    at::TensorList steps, double weight_decay,
                     const std::optional<at::Tensor>& lr_tensor);
+
+// check_metadata for each group of a call over several; with name_groups, errors name the group
+// ("param group 1, param 0: ...").
+void check_group_metadata(Variant variant, at::TensorList params, GradList grads,
+                          at::TensorList sums, at::TensorList steps,
+                          const std::vector<GroupSpan>& groups, bool name_groups);
 
 // Whether work queued now on a device's current stream is being captured into a CUDA graph.
 // The CUDA backend registers it; without one nothing is ever captured.
@@ -41,15 +67,6 @@ void set_capture_query(CaptureQuery query);
 using CudaLaunchQuery = CudaLaunchInfo (*)();
 void set_cuda_launch_query(CudaLaunchQuery query);
 CudaLaunchInfo cuda_launch_info();
-
-// Everything plan_step refuses: the metadata, tensors of the step that share memory where one
-// of them is written (a step given twice, a sum or grad overlapping its param), and sparse grad
-// indices out of range (for a CUDA grad this reads its min and max: one synchronization), and,
-// under CUDA graph capture, what a graph would freeze at its captured value (a host step, a host
-// lr tensor) or cannot replay (a sparse grad).
-void validate_step(Variant variant, at::TensorList params, const OptionalTensorList& grads,
-                   at::TensorList sums, at::TensorList steps, double weight_decay,
-                   const std::optional<at::Tensor>& lr_tensor);
 
 // One param with a dense grad, as a kernel walks it: param, grad and sum share one dense layout
 // (element-wise) or param and grad are contiguous rows and sum is one value per row (row-wise).
@@ -82,7 +99,11 @@ struct Staged {
   at::Tensor user, work;
 };
 
+// One group's work. Indices (stepping, DenseParam::index, SparseParam::index) count from the
+// group's first param, `begin` in the op's lists.
 struct StepPlan {
+  size_t begin = 0, count = 0;
+  StepOptions options;
   std::vector<size_t> stepping;    // params that take a step (have a grad), in order
   std::vector<DenseGroup> dense;   // by (device, dtype), in order of first appearance
   std::vector<SparseParam> sparse;
@@ -93,9 +114,19 @@ struct StepPlan {
   void write_back() const;
 };
 
-StepPlan plan_step(Variant variant, at::TensorList params, const OptionalTensorList& grads,
-                   at::TensorList sums, at::TensorList steps, double weight_decay,
-                   const std::optional<at::Tensor>& lr_tensor);
+// Validates every tensor of every group, then plans each group. Refused, before anything
+// changes: bad metadata (check_metadata), tensors of the step that share memory where one of them
+// is written (a step given twice, a sum or grad overlapping its param; across groups too), sparse
+// grad indices out of range (for a CUDA grad this reads its min and max: one synchronization),
+// and, under CUDA graph capture, what a graph would freeze at its captured value (a host step,
+// a host lr tensor) or cannot replay (a sparse grad).
+std::vector<StepPlan> plan_groups(Variant variant, at::TensorList params, GradList grads,
+                                  at::TensorList sums, at::TensorList steps,
+                                  const std::vector<GroupSpan>& groups, bool name_groups);
+
+// plan_groups for one group (the per-group ops), errors naming params by their index alone.
+StepPlan plan_step(Variant variant, at::TensorList params, GradList grads, at::TensorList sums,
+                   at::TensorList steps, const StepOptions& options);
 
 // The learning rate as the host reads it, once per step (a device lr tensor synchronizes).
 struct HostLearningRate {

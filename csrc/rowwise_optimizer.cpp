@@ -72,7 +72,7 @@ torch::Tensor RowWiseAdagrad::step(LossClosure closure) {
     return state_for(p, o);
   };
   return common::step_param_groups<RowWiseAdagradOptions>(
-      kName, *this, closure, /*rowwise=*/true, &rowwise_adagrad_step_, state);
+      kName, *this, closure, /*rowwise=*/true, state);
 }
 
 // Tensor steps: torch::optim::Adagrad then refuses the archive instead of taking row-wise sums

@@ -258,47 +258,70 @@ void launch_sparse(const SparseParam& sp, const SortedRows& rows, const StepRef&
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// The element-wise launches of one group on one device.
+void launch_group(const DeviceStep& d) {
+  const StepOptions& o = d.plan.options;
+  std::vector<Entry> entries[kSlots];
+  for (const DenseGroup& group : d.plan.dense) {
+    if (group.device != d.device.device) continue;
+    for (const DenseParam& w : group.params) {
+      entries[dtype_slot(group.dtype)].push_back(
+          Entry{{w.param.data_ptr(), const_cast<void*>(w.grad.const_data_ptr()), w.sum.data_ptr()},
+                w.param.numel(),
+                step_ref(d.step_of[w.index])});
+    }
+  }
+  Hyper hyper{d.device.lr, o.lr_decay, o.weight_decay, o.eps, o.maximize, o.eps_inside_sqrt, true};
+  launch_update<float>(entries[kSlotF32], hyper, d.stream);
+  launch_update<double>(entries[kSlotF64], hyper, d.stream);
+  launch_update<c10::Half>(entries[kSlotF16], hyper, d.stream);
+  launch_update<c10::BFloat16>(entries[kSlotBF16], hyper, d.stream);
+  hyper.fma_weight_decay = false;
+  launch_update<float>(entries[kSlotC64], hyper, d.stream);
+  launch_update<double>(entries[kSlotC128], hyper, d.stream);
+
+  hyper.fma_weight_decay = true;
+  for (size_t k = 0; k < d.plan.sparse.size(); ++k) {
+    const SparseParam& sp = d.plan.sparse[k];
+    if (sp.param.device() != d.device.device) continue;
+    const StepRef step = step_ref(d.step_of[sp.index]);
+    switch (sp.param.scalar_type()) {
+      case at::kFloat: launch_sparse<float>(sp, d.sorted_rows[k], step, hyper, d.stream); break;
+      case at::kDouble: launch_sparse<double>(sp, d.sorted_rows[k], step, hyper, d.stream); break;
+      case at::kHalf: launch_sparse<c10::Half>(sp, d.sorted_rows[k], step, hyper, d.stream); break;
+      case at::kBFloat16:
+        launch_sparse<c10::BFloat16>(sp, d.sorted_rows[k], step, hyper, d.stream);
+        break;
+      default: TORCH_INTERNAL_ASSERT(false, "sparse grads of ", sp.param.scalar_type());
+    }
+  }
+}
+
 void adagrad_step_cuda(at::TensorList params, const OptionalTensorList& grads, at::TensorList sums,
                        at::TensorList steps, double lr, double lr_decay, double weight_decay,
                        double eps, bool maximize, bool eps_inside_sqrt,
                        const std::optional<at::Tensor>& lr_tensor) {
-  const StepOptions options{lr, lr_decay, weight_decay, eps, maximize, eps_inside_sqrt, lr_tensor};
-  run_step(Variant::Elementwise, params, grads, sums, steps, options, [&](const DeviceStep& d) {
-    std::vector<Entry> entries[kSlots];
-    for (const DenseGroup& group : d.plan.dense) {
-      if (group.device != d.device.device) continue;
-      for (const DenseParam& w : group.params) {
-        entries[dtype_slot(group.dtype)].push_back(
-            Entry{{w.param.data_ptr(), const_cast<void*>(w.grad.const_data_ptr()), w.sum.data_ptr()},
-                  w.param.numel(),
-                  step_ref(d.step_of[w.index])});
-      }
-    }
-    Hyper hyper{d.device.lr, lr_decay, weight_decay, eps, maximize, eps_inside_sqrt, true};
-    launch_update<float>(entries[kSlotF32], hyper, d.stream);
-    launch_update<double>(entries[kSlotF64], hyper, d.stream);
-    launch_update<c10::Half>(entries[kSlotF16], hyper, d.stream);
-    launch_update<c10::BFloat16>(entries[kSlotBF16], hyper, d.stream);
-    hyper.fma_weight_decay = false;
-    launch_update<float>(entries[kSlotC64], hyper, d.stream);
-    launch_update<double>(entries[kSlotC128], hyper, d.stream);
+  const StepOptions o{lr, lr_decay, weight_decay, eps, maximize, eps_inside_sqrt, lr_tensor};
+  run_elementwise_plans({plan_step(Variant::Elementwise, params, grads.vec(), sums, steps, o)},
+                        params, steps);
+}
 
-    hyper.fma_weight_decay = true;
-    for (size_t k = 0; k < d.plan.sparse.size(); ++k) {
-      const SparseParam& sp = d.plan.sparse[k];
-      if (sp.param.device() != d.device.device) continue;
-      const StepRef step = step_ref(d.step_of[sp.index]);
-      switch (sp.param.scalar_type()) {
-        case at::kFloat: launch_sparse<float>(sp, d.sorted_rows[k], step, hyper, d.stream); break;
-        case at::kDouble: launch_sparse<double>(sp, d.sorted_rows[k], step, hyper, d.stream); break;
-        case at::kHalf: launch_sparse<c10::Half>(sp, d.sorted_rows[k], step, hyper, d.stream); break;
-        case at::kBFloat16:
-          launch_sparse<c10::BFloat16>(sp, d.sorted_rows[k], step, hyper, d.stream);
-          break;
-        default: TORCH_INTERNAL_ASSERT(false, "sparse grads of ", sp.param.scalar_type());
-      }
-    }
-  });
+void step_groups_cuda(at::TensorList params, const OptionalTensorList& grads, at::TensorList sums,
+                      at::TensorList steps, c10::IntArrayRef group_sizes, c10::ArrayRef<double> lr,
+                      c10::ArrayRef<double> lr_decay, c10::ArrayRef<double> weight_decay,
+                      c10::ArrayRef<double> eps, const c10::List<bool>& maximize,
+                      const c10::List<bool>& eps_inside_sqrt, const OptionalTensorList& lr_tensor,
+                      bool rowwise) {
+  const Variant variant = rowwise ? Variant::RowWise : Variant::Elementwise;
+  const std::vector<GroupSpan> spans = group_spans(
+      {group_sizes, lr, lr_decay, weight_decay, eps, maximize, eps_inside_sqrt, lr_tensor});
+  const std::vector<StepPlan> plans =
+      plan_groups(variant, params, grads.vec(), sums, steps, spans, true);
+  if (rowwise) {
+    run_rowwise_plans(plans, params, steps);
+  } else {
+    run_elementwise_plans(plans, params, steps);
+  }
 }
 
 bool stream_is_capturing(const at::Device& device) {
@@ -328,8 +351,16 @@ CudaLaunchInfo launch_info() {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fused_adagrad, CUDA, m) { m.impl("adagrad_step_", &adagrad_step_cuda); }
-// A sparse CUDA grad in the list makes the dispatcher pick this key; the same code handles it.
-TORCH_LIBRARY_IMPL(fused_adagrad, SparseCUDA, m) { m.impl("adagrad_step_", &adagrad_step_cuda); }
+void run_elementwise_plans(const std::vector<StepPlan>& plans, at::TensorList params,
+                           at::TensorList steps) {
+  run_plans(Variant::Elementwise, plans, params, steps, &launch_group);
+}
+
+// A sparse CUDA grad in the list makes the dispatcher pick SparseCUDA; the same code handles it.
+#define FUSED_ADAGRAD_CUDA_IMPLS(m)                  \
+  m.impl("adagrad_step_", &adagrad_step_cuda);       \
+  m.impl("adagrad_step_groups_", &step_groups_cuda)
+TORCH_LIBRARY_IMPL(fused_adagrad, CUDA, m) { FUSED_ADAGRAD_CUDA_IMPLS(m); }
+TORCH_LIBRARY_IMPL(fused_adagrad, SparseCUDA, m) { FUSED_ADAGRAD_CUDA_IMPLS(m); }
 
 }  // namespace fused_adagrad::cuda

@@ -155,30 +155,40 @@ void launch_rowwise_any(at::ScalarType dtype, const at::Tensor& param, const at:
   }
 }
 
+// The row-wise launches of one group on one device.
+void launch_group(const DeviceStep& d) {
+  const StepOptions& o = d.plan.options;
+  const RowHyper h{d.device.lr, o.lr_decay, o.weight_decay, o.eps, o.maximize, o.eps_inside_sqrt};
+  for (const DenseGroup& group : d.plan.dense) {
+    if (group.device != d.device.device) continue;
+    for (const DenseParam& w : group.params) {
+      launch_rowwise_any(group.dtype, w.param, w.grad, w.sum, w.row_len, nullptr,
+                         step_ref(d.step_of[w.index]), h, d.stream);
+    }
+  }
+  for (size_t k = 0; k < d.plan.sparse.size(); ++k) {
+    const SparseParam& sp = d.plan.sparse[k];
+    if (sp.param.device() != d.device.device) continue;
+    launch_rowwise_any(sp.param.scalar_type(), sp.param, sp.values, sp.sum, sp.row_len,
+                       &d.sorted_rows[k], step_ref(d.step_of[sp.index]), h, d.stream);
+  }
+}
+
 void rowwise_adagrad_step_cuda(at::TensorList params, const OptionalTensorList& grads,
                                at::TensorList sums, at::TensorList steps, double lr,
                                double lr_decay, double weight_decay, double eps, bool maximize,
                                bool eps_inside_sqrt, const std::optional<at::Tensor>& lr_tensor) {
-  const StepOptions options{lr, lr_decay, weight_decay, eps, maximize, eps_inside_sqrt, lr_tensor};
-  run_step(Variant::RowWise, params, grads, sums, steps, options, [&](const DeviceStep& d) {
-    const RowHyper h{d.device.lr, lr_decay, weight_decay, eps, maximize, eps_inside_sqrt};
-    for (const DenseGroup& group : d.plan.dense) {
-      if (group.device != d.device.device) continue;
-      for (const DenseParam& w : group.params) {
-        launch_rowwise_any(group.dtype, w.param, w.grad, w.sum, w.row_len, nullptr,
-                           step_ref(d.step_of[w.index]), h, d.stream);
-      }
-    }
-    for (size_t k = 0; k < d.plan.sparse.size(); ++k) {
-      const SparseParam& sp = d.plan.sparse[k];
-      if (sp.param.device() != d.device.device) continue;
-      launch_rowwise_any(sp.param.scalar_type(), sp.param, sp.values, sp.sum, sp.row_len,
-                         &d.sorted_rows[k], step_ref(d.step_of[sp.index]), h, d.stream);
-    }
-  });
+  const StepOptions o{lr, lr_decay, weight_decay, eps, maximize, eps_inside_sqrt, lr_tensor};
+  run_rowwise_plans({plan_step(Variant::RowWise, params, grads.vec(), sums, steps, o)}, params,
+                    steps);
 }
 
 }  // namespace
+
+void run_rowwise_plans(const std::vector<StepPlan>& plans, at::TensorList params,
+                       at::TensorList steps) {
+  run_plans(Variant::RowWise, plans, params, steps, &launch_group);
+}
 
 TORCH_LIBRARY_IMPL(fused_adagrad, CUDA, m) {
   m.impl("rowwise_adagrad_step_", &rowwise_adagrad_step_cuda);

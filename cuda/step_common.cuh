@@ -1,6 +1,6 @@
 // What the CUDA kernels (adagrad_cuda.cu: element-wise; rowwise_cuda.cu: row-wise) share: where
 // a kernel reads the step count and the learning rate, correctly rounded arithmetic that nvcc may
-// not contract, the launch that counts device steps, and run_step, which takes a call from the
+// not contract, the launch that counts device steps, and run_plans, which takes a call from the
 // plan (csrc/plan.h) to the kernels without reading any device value on the host.
 #pragma once
 
@@ -216,7 +216,8 @@ SortedRows sort_rows(const SparseParam& sp) {
   return {sorted.contiguous(), perm.contiguous()};
 }
 
-// Everything a device's launches read, by param index (steps) and by plan.sparse index (rows).
+// Everything a device's launches read: the group's plan (its options too), the lr on that
+// device, and by the plan's param index (steps) and plan.sparse index (rows).
 struct DeviceStep {
   const StepPlan& plan;
   const DeviceWork& device;
@@ -225,65 +226,95 @@ struct DeviceStep {
   const std::vector<SortedRows>& sorted_rows;
 };
 
-// One op call on CUDA: the plan (validation, grouping, staging), then, while still nothing has
-// changed, the lr on each device, float32 copies of steps and sorted sparse rows; then the CPU
-// params of the call (a group mixing CPU and CUDA params) by the CPU backend; then per device
-// the step increments and `launch(const DeviceStep&)` on its current stream.
-template <typename Launch>
-void run_step(Variant variant, at::TensorList params, const OptionalTensorList& grads,
-              at::TensorList sums, at::TensorList steps, const StepOptions& o, Launch launch) {
-  const StepPlan plan = plan_step(variant, params, grads, sums, steps, o.weight_decay, o.lr_tensor);
-
+// What one group's launches need besides its plan, made while nothing has changed yet.
+struct GroupWork {
   std::vector<DeviceWork> devices;
-  std::vector<ParamStep> step_of(params.size());
+  std::vector<ParamStep> step_of;
+  std::vector<SortedRows> sorted_rows;
+};
+
+// The lr on each device, float32 copies of steps and sorted sparse rows (params, steps: the
+// group's slices of the op's lists).
+GroupWork prepare_group(const StepPlan& plan, at::TensorList params, at::TensorList steps) {
+  GroupWork w;
+  w.step_of.resize(params.size());
   for (size_t i : plan.stepping) {
     const at::Tensor& p = params[i];
     if (p.is_cpu()) continue;
     TORCH_CHECK(p.is_cuda(), "param ", i, ": the CUDA kernel cannot update a tensor on ", p.device());
     c10::cuda::CUDAGuard guard(p.device());
-    if (std::none_of(devices.begin(), devices.end(),
+    if (std::none_of(w.devices.begin(), w.devices.end(),
                      [&](const DeviceWork& d) { return d.device == p.device(); })) {
-      devices.push_back(DeviceWork{p.device()});
-      set_learning_rate(devices.back(), o.lr, o.lr_tensor);
+      w.devices.push_back(DeviceWork{p.device()});
+      set_learning_rate(w.devices.back(), plan.options.lr, plan.options.lr_tensor);
     }
     const at::Tensor& st = steps[i];
     if (st.is_cuda()) {
       // The kernels read float32 steps; torch.optim keeps them in float32, others get a copy.
-      step_of[i].device = st.scalar_type() == at::kFloat ? st : st.to(at::kFloat);
-      if (!step_of[i].device.is_same(st)) step_of[i].copy_back = st;
+      w.step_of[i].device = st.scalar_type() == at::kFloat ? st : st.to(at::kFloat);
+      if (!w.step_of[i].device.is_same(st)) w.step_of[i].copy_back = st;
     }
   }
-  std::vector<SortedRows> sorted_rows(plan.sparse.size());
+  w.sorted_rows.resize(plan.sparse.size());
   for (size_t k = 0; k < plan.sparse.size(); ++k) {
     if (!plan.sparse[k].param.is_cuda()) continue;
     c10::cuda::CUDAGuard guard(plan.sparse[k].param.device());
-    sorted_rows[k] = sort_rows(plan.sparse[k]);
+    w.sorted_rows[k] = sort_rows(plan.sparse[k]);
   }
+  return w;
+}
 
-  cpu::run_plan(variant, plan, params, steps, o);
-
-  for (const DeviceWork& dw : devices) {
-    c10::cuda::CUDAGuard guard(dw.device);
-    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dw.device.index()).stream();
-    std::vector<float*> device_steps;
-    for (size_t i : plan.stepping) {
-      if (params[i].device() != dw.device) continue;
-      ParamStep& s = step_of[i];
-      if (s.device.defined()) {
-        device_steps.push_back(s.device.data_ptr<float>());
-      } else {
-        s.host = increment_host_step(steps[i]);  // a CPU tensor: no device read
+// Runs the planned groups of one op call: first, for every group, what can still fail
+// (prepare_group); then per group its CPU params (a group mixing CPU and CUDA params) by the CPU
+// backend and, per device, the step increments and `launch(const DeviceStep&)` on its current
+// stream. No device value is read on the host.
+template <typename Launch>
+void run_plans(Variant variant, const std::vector<StepPlan>& plans, at::TensorList all_params,
+               at::TensorList all_steps, Launch launch) {
+  std::vector<GroupWork> work;
+  work.reserve(plans.size());
+  for (const StepPlan& plan : plans) {
+    work.push_back(prepare_group(plan, all_params.slice(plan.begin, plan.count),
+                                 all_steps.slice(plan.begin, plan.count)));
+  }
+  for (size_t g = 0; g < plans.size(); ++g) {
+    const StepPlan& plan = plans[g];
+    GroupWork& w = work[g];
+    const at::TensorList params = all_params.slice(plan.begin, plan.count);
+    const at::TensorList steps = all_steps.slice(plan.begin, plan.count);
+    cpu::run_plan(variant, plan, all_params, all_steps);
+    for (const DeviceWork& dw : w.devices) {
+      c10::cuda::CUDAGuard guard(dw.device);
+      const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dw.device.index()).stream();
+      std::vector<float*> device_steps;
+      for (size_t i : plan.stepping) {
+        if (params[i].device() != dw.device) continue;
+        ParamStep& s = w.step_of[i];
+        if (s.device.defined()) {
+          device_steps.push_back(s.device.data_ptr<float>());
+        } else {
+          s.host = increment_host_step(steps[i]);  // a CPU tensor: no device read
+        }
       }
+      increment_device_steps(device_steps, stream);
+      launch(DeviceStep{plan, dw, stream, w.step_of, w.sorted_rows});
     }
-    increment_device_steps(device_steps, stream);
-    launch(DeviceStep{plan, dw, stream, step_of, sorted_rows});
   }
-  for (const ParamStep& s : step_of) {
-    if (s.copy_back.defined()) s.copy_back.copy_(s.device);
+  for (size_t g = 0; g < plans.size(); ++g) {
+    for (const ParamStep& s : work[g].step_of) {
+      if (s.copy_back.defined()) s.copy_back.copy_(s.device);
+    }
+    plans[g].write_back();
   }
-  plan.write_back();
 }
 
 }  // namespace
+
+// The launches of each variant over validated plans (adagrad_cuda.cu, rowwise_cuda.cu), so that
+// the op over several groups, registered once, reaches both.
+void run_elementwise_plans(const std::vector<StepPlan>& plans, at::TensorList params,
+                           at::TensorList steps);
+void run_rowwise_plans(const std::vector<StepPlan>& plans, at::TensorList params,
+                       at::TensorList steps);
 
 }  // namespace fused_adagrad::cuda

@@ -12,10 +12,10 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 # shellcheck disable=SC1091
 source "$VENV/bin/activate"
-if ! python -c "import torch, pybind11, numpy, expecttest, pytest, tqdm, packaging" 2>/dev/null; then
+if ! python -c "import torch, pybind11, numpy, expecttest, pytest, hypothesis, tqdm, packaging" 2>/dev/null; then
   echo "==> installing $TORCH_PIN and the build/test tools"
   python -m pip install -q --upgrade pip
-  python -m pip install -q "$TORCH_PIN" pybind11 numpy expecttest pytest tqdm packaging ninja setuptools wheel
+  python -m pip install -q "$TORCH_PIN" pybind11 numpy expecttest pytest hypothesis tqdm packaging ninja setuptools wheel
 fi
 
 echo "==> building fused-adagrad against $(python -c 'import torch; print(torch.__version__)')"

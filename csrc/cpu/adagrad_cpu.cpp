@@ -155,8 +155,11 @@ std::vector<int64_t> element_ends(const DenseGroup& group) {
 
 }  // namespace
 
-void run_plan(Variant variant, const StepPlan& plan, at::TensorList params, at::TensorList steps,
-              const StepOptions& o) {
+void run_plan(Variant variant, const StepPlan& plan, at::TensorList all_params,
+              at::TensorList all_steps) {
+  const at::TensorList params = all_params.slice(plan.begin, plan.count);
+  const at::TensorList steps = all_steps.slice(plan.begin, plan.count);
+  const StepOptions& o = plan.options;
   const KernelChoice& chosen = kernel();  // may throw for a bad override: still nothing changed
   std::vector<SparseWork> sparse;
   for (const SparseParam& sp : plan.sparse) {
@@ -218,27 +221,32 @@ void run_plan(Variant variant, const StepPlan& plan, at::TensorList params, at::
 
 namespace {
 
-void step_cpu(Variant variant, at::TensorList params, const OptionalTensorList& grads,
-              at::TensorList sums, at::TensorList steps, const StepOptions& o) {
-  const StepPlan plan = plan_step(variant, params, grads, sums, steps, o.weight_decay, o.lr_tensor);
-  run_plan(variant, plan, params, steps, o);
-  plan.write_back();
+void run_plans(Variant variant, const std::vector<StepPlan>& plans, at::TensorList params,
+               at::TensorList steps) {
+  for (const StepPlan& plan : plans) run_plan(variant, plan, params, steps);
+  for (const StepPlan& plan : plans) plan.write_back();
 }
 
-void adagrad_step_cpu(at::TensorList params, const OptionalTensorList& grads, at::TensorList sums,
-                      at::TensorList steps, double lr, double lr_decay, double weight_decay,
-                      double eps, bool maximize, bool eps_inside_sqrt,
-                      const std::optional<at::Tensor>& lr_tensor) {
-  step_cpu(Variant::Elementwise, params, grads, sums, steps,
-           {lr, lr_decay, weight_decay, eps, maximize, eps_inside_sqrt, lr_tensor});
+template <Variant kVariant>
+void step_cpu(at::TensorList params, const OptionalTensorList& grads, at::TensorList sums,
+              at::TensorList steps, double lr, double lr_decay, double weight_decay, double eps,
+              bool maximize, bool eps_inside_sqrt, const std::optional<at::Tensor>& lr_tensor) {
+  const std::vector<std::optional<at::Tensor>> g = grads.vec();
+  const StepOptions o{lr, lr_decay, weight_decay, eps, maximize, eps_inside_sqrt, lr_tensor};
+  run_plans(kVariant, {plan_step(kVariant, params, g, sums, steps, o)}, params, steps);
 }
 
-void rowwise_adagrad_step_cpu(at::TensorList params, const OptionalTensorList& grads,
-                              at::TensorList sums, at::TensorList steps, double lr,
-                              double lr_decay, double weight_decay, double eps, bool maximize,
-                              bool eps_inside_sqrt, const std::optional<at::Tensor>& lr_tensor) {
-  step_cpu(Variant::RowWise, params, grads, sums, steps,
-           {lr, lr_decay, weight_decay, eps, maximize, eps_inside_sqrt, lr_tensor});
+void step_groups_cpu(at::TensorList params, const OptionalTensorList& grads, at::TensorList sums,
+                     at::TensorList steps, c10::IntArrayRef group_sizes, c10::ArrayRef<double> lr,
+                     c10::ArrayRef<double> lr_decay, c10::ArrayRef<double> weight_decay,
+                     c10::ArrayRef<double> eps, const c10::List<bool>& maximize,
+                     const c10::List<bool>& eps_inside_sqrt, const OptionalTensorList& lr_tensor,
+                     bool rowwise) {
+  const Variant variant = rowwise ? Variant::RowWise : Variant::Elementwise;
+  const std::vector<std::optional<at::Tensor>> g = grads.vec();
+  const std::vector<GroupSpan> spans = group_spans(
+      {group_sizes, lr, lr_decay, weight_decay, eps, maximize, eps_inside_sqrt, lr_tensor});
+  run_plans(variant, plan_groups(variant, params, g, sums, steps, spans, true), params, steps);
 }
 
 }  // namespace
@@ -256,9 +264,10 @@ std::vector<std::string> compiled_kernel_names() {
 
 // A sparse grad in the list makes the dispatcher pick the sparse key; the same code handles it
 // (COO) or rejects it naming the param (CSR and other compressed layouts).
-#define FUSED_ADAGRAD_CPU_IMPLS(m)                                     \
-  m.impl("adagrad_step_", &adagrad_step_cpu);                          \
-  m.impl("rowwise_adagrad_step_", &rowwise_adagrad_step_cpu)
+#define FUSED_ADAGRAD_CPU_IMPLS(m)                                       \
+  m.impl("adagrad_step_", &step_cpu<Variant::Elementwise>);             \
+  m.impl("rowwise_adagrad_step_", &step_cpu<Variant::RowWise>);         \
+  m.impl("adagrad_step_groups_", &step_groups_cpu)
 TORCH_LIBRARY_IMPL(fused_adagrad, CPU, m) { FUSED_ADAGRAD_CPU_IMPLS(m); }
 TORCH_LIBRARY_IMPL(fused_adagrad, SparseCPU, m) { FUSED_ADAGRAD_CPU_IMPLS(m); }
 TORCH_LIBRARY_IMPL(fused_adagrad, SparseCsrCPU, m) { FUSED_ADAGRAD_CPU_IMPLS(m); }

@@ -200,12 +200,16 @@ FUSED_ADAGRAD_API void rowwise_adagrad_step_(at::TensorList params, const Option
                                              double lr_decay, double weight_decay, double eps,
                                              bool maximize, bool eps_inside_sqrt,
                                              const std::optional<at::Tensor>& lr_tensor = std::nullopt);
-// Everything a step op would refuse, changing nothing (`rowwise`: as rowwise_adagrad_step_).
-FUSED_ADAGRAD_API void check_adagrad_inputs(at::TensorList params,
-                                    const OptionalTensorList& grads,
-                                    at::TensorList sums, at::TensorList steps, double weight_decay,
-                                    bool rowwise = false,
-                                    const std::optional<at::Tensor>& lr_tensor = std::nullopt);
+// Several param groups in one call, as the optimizers step: group g is the next group_sizes[g]
+// params, with its own entry of each option list (lr_tensor[g] None: lr[g] is used). Every
+// tensor of every group is checked, across groups too, before anything changes; errors name the
+// group ("param group 1, param 0: ..."). `rowwise`: row-wise Adagrad, as rowwise_adagrad_step_.
+FUSED_ADAGRAD_API void adagrad_step_groups_(
+    at::TensorList params, const OptionalTensorList& grads, at::TensorList sums,
+    at::TensorList steps, c10::IntArrayRef group_sizes, c10::ArrayRef<double> lr,
+    c10::ArrayRef<double> lr_decay, c10::ArrayRef<double> weight_decay, c10::ArrayRef<double> eps,
+    const c10::List<bool>& maximize, const c10::List<bool>& eps_inside_sqrt,
+    const OptionalTensorList& lr_tensor, bool rowwise);
 
 // How the CUDA backend splits element-wise work into launches (all zero without CUDA), so that
 // tests can assert which splits they cover. Each block updates one chunk; a launch's argument

@@ -6,15 +6,14 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-_check_op = torch.ops.fused_adagrad.check_adagrad_inputs
+_step_groups = torch.ops.fused_adagrad.adagrad_step_groups_
 
 
 class _FusedAdagradBase(Optimizer):
-    """Arguments, validation, state and the one-op-per-group step of both optimizers; a subclass
-    names its op and makes its `sum` state."""
+    """Arguments, validation, state and the one-op step of both optimizers; a subclass says
+    which Adagrad it is and makes its `sum` state."""
 
-    _step_op = None  # torch.ops.fused_adagrad.*_step_
-    _rowwise = False
+    _rowwise = False  # which Adagrad the op runs: element-wise or row-wise
 
     def __init__(
         self,
@@ -106,17 +105,6 @@ class _FusedAdagradBase(Optimizer):
                     step = step.to(p.device, torch.float32)
                 p_state["step"] = step
 
-    def _group_inputs(self, group: dict):
-        """Every param of the group in order (errors then name its index); grad None = skipped.
-        Runs once per group and step, so it does the least per param: list comprehensions, and
-        state is made here only for a param whose state was emptied (add_param_group made it)."""
-        params = group["params"]
-        states = [self.state[p] for p in params]
-        if not all(states):
-            states = [s or self._init_state(p, group) for p, s in zip(params, states)]
-        return (params, [p.grad for p in params], [s["sum"] for s in states],
-                [s["step"] for s in states])
-
     @torch.no_grad()
     def step(self, closure=None):
         """Performs one optimization step; ``closure`` re-evaluates the model and returns the loss."""
@@ -125,38 +113,41 @@ class _FusedAdagradBase(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        name = type(self).__name__
-        work = [(group, self._group_inputs(group)) for group in self.param_groups]
-        if len(work) > 1:
-            # Validate every group before stepping any, so that a failed step changes nothing.
-            for index, (group, (params, grads, sums, steps)) in enumerate(work):
-                lr = group["lr"]
-                try:
-                    _check_op(params, grads, sums, steps, weight_decay=group["weight_decay"],
-                              rowwise=self._rowwise, lr_tensor=lr if isinstance(lr, Tensor) else None)
-                except RuntimeError as e:
-                    raise RuntimeError(f"{name}: param group {index}, {e}") from None
-        step_op = type(self)._step_op
-        for index, (group, (params, grads, sums, steps)) in enumerate(work):
-            lr = group["lr"]
-            lr_is_tensor = isinstance(lr, Tensor)
-            try:
-                step_op(
-                    params,
-                    grads,
-                    sums,
-                    steps,
-                    lr=0.0 if lr_is_tensor else lr,
-                    lr_decay=group["lr_decay"],
-                    weight_decay=group["weight_decay"],
-                    eps=group["eps"],
-                    maximize=group["maximize"],
-                    eps_inside_sqrt=group["eps_inside_sqrt"],
-                    lr_tensor=lr if lr_is_tensor else None,
-                )
-            except RuntimeError as e:
-                # The op validates before it changes anything, so this group is untouched too.
-                raise RuntimeError(f"{name}: param group {index}, {e}") from None
+        # One op call for every group: it validates them all before it changes any, so a failed
+        # step changes nothing. Per param the least work (list comprehensions); state is made
+        # here only for a param whose state was emptied (add_param_group made it).
+        params, grads, sums, steps = [], [], [], []
+        sizes, lr, lr_tensor = [], [], []
+        for group in self.param_groups:
+            ps = group["params"]
+            states = [self.state[p] for p in ps]
+            if not all(states):
+                states = [s or self._init_state(p, group) for p, s in zip(ps, states)]
+            params += ps
+            grads += [p.grad for p in ps]
+            sums += [s["sum"] for s in states]
+            steps += [s["step"] for s in states]
+            sizes.append(len(ps))
+            group_lr = group["lr"]
+            is_tensor = isinstance(group_lr, Tensor)
+            lr.append(0.0 if is_tensor else group_lr)
+            lr_tensor.append(group_lr if is_tensor else None)
+        groups = self.param_groups
+        try:
+            _step_groups(
+                params, grads, sums, steps,
+                group_sizes=sizes,
+                lr=lr,
+                lr_decay=[g["lr_decay"] for g in groups],
+                weight_decay=[g["weight_decay"] for g in groups],
+                eps=[g["eps"] for g in groups],
+                maximize=[g["maximize"] for g in groups],
+                eps_inside_sqrt=[g["eps_inside_sqrt"] for g in groups],
+                lr_tensor=lr_tensor,
+                rowwise=self._rowwise,
+            )
+        except RuntimeError as e:
+            raise RuntimeError(f"{type(self).__name__}: {e}") from None
         return loss
 
 
@@ -177,8 +168,6 @@ class FusedAdagrad(_FusedAdagradBase):
     ``foreach`` and ``fused`` are accepted and stored for compatibility; they change nothing.
     ``differentiable=True`` is not supported.
     """
-
-    _step_op = torch.ops.fused_adagrad.adagrad_step_
 
     def _new_sum(self, p: Tensor, init: float) -> Tensor:
         init = complex(init, init) if torch.is_complex(p) else init

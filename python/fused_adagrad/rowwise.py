@@ -26,12 +26,26 @@ class RowWiseAdagrad(_FusedAdagradBase):
     A step that raises changes no parameter and no state.
     """
 
-    _step_op = torch.ops.fused_adagrad.rowwise_adagrad_step_
     _rowwise = True
+
+    @staticmethod
+    def _sum_dtype(p: Tensor) -> torch.dtype:
+        return torch.float64 if p.dtype == torch.float64 else torch.float32
 
     def _new_sum(self, p: Tensor, init: float) -> Tensor:
         if torch.is_complex(p):
             raise ValueError("RowWiseAdagrad does not support complex parameters")
-        shape = p.shape[:1]
-        dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
-        return torch.full(shape, init, dtype=dtype, device=p.device)
+        return torch.full(p.shape[:1], init, dtype=self._sum_dtype(p), device=p.device)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # torch.optim.Optimizer casts every floating state tensor but `step` to its param's dtype:
+        # the float32 row sums of a bfloat16/float16 table would come back rounded to the table's
+        # dtype (and then be refused by the step). Keep the saved values, in the sum's own dtype.
+        saved = {i: s["sum"] for i, s in state_dict["state"].items()
+                 if torch.is_tensor(s.get("sum")) and s["sum"].is_floating_point()}
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        super().load_state_dict(state_dict)  # checks that the groups match ours
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, p in zip(saved_ids, params):
+            if i in saved:
+                self.state[p]["sum"] = saved[i].to(device=p.device, dtype=self._sum_dtype(p))

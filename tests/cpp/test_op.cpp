@@ -1,4 +1,4 @@
-// The op through the dispatcher via the C++ wrappers (adagrad_step_, check_adagrad_inputs), and
+// The op through the dispatcher via the C++ wrappers (adagrad_step_, adagrad_step_groups_), and
 // build_info().
 #include "test_util.h"
 
@@ -46,7 +46,8 @@ TEST(BuildInfo, DescribesThisBuild) {
 TEST(Op, SchemasAreRegistered) {
   auto& dispatcher = c10::Dispatcher::singleton();
   EXPECT_TRUE(dispatcher.findSchema({"fused_adagrad::adagrad_step_", ""}).has_value());
-  EXPECT_TRUE(dispatcher.findSchema({"fused_adagrad::check_adagrad_inputs", ""}).has_value());
+  EXPECT_TRUE(dispatcher.findSchema({"fused_adagrad::rowwise_adagrad_step_", ""}).has_value());
+  EXPECT_TRUE(dispatcher.findSchema({"fused_adagrad::adagrad_step_groups_", ""}).has_value());
 }
 
 struct OpInputs {
@@ -104,13 +105,22 @@ TEST(Op, TensorLrEqualsFloatLr) {
   for (size_t i = 0; i < a.params.size(); ++i) EXPECT_TRUE(torch::equal(a.params[i], b.params[i]));
 }
 
-TEST(Op, CheckInputsNamesTheParam) {
+// The op over groups as the optimizers call it: two groups of the inputs' first two params and
+// the third, each with its own options.
+void step_two_groups(OpInputs& in) {
+  OptionalTensorList lr_tensors;
+  lr_tensors.push_back(std::nullopt);
+  lr_tensors.push_back(std::nullopt);
+  adagrad_step_groups_(in.params, in.grads, in.sums, in.steps, {2, 1}, {0.1, 0.2}, {0, 0.01},
+                       {0, 0.1}, {1e-10, 1e-10}, c10::List<bool>({false, true}),
+                       c10::List<bool>({false, false}), lr_tensors, /*rowwise=*/false);
+}
+
+TEST(Op, GroupsOpNamesTheGroupAndParamAndChangesNothing) {
   OpInputs in = make_inputs();
-  check_adagrad_inputs(in.params, in.grads, in.sums, in.steps, 0);  // valid: no throw
   in.grads.set(2, torch::randn({6, 4}));
-  expect_error([&] { check_adagrad_inputs(in.params, in.grads, in.sums, in.steps, 0); },
-               {"param 2", "grad has shape"});
   const auto params_before = clones(in.params);
+  expect_error([&] { step_two_groups(in); }, {"param group 1, param 0", "grad has shape"});
   expect_error([&] {
     adagrad_step_(in.params, in.grads, in.sums, in.steps, 0.1, 0, 0, 1e-10, false, false);
   }, {"param 2"});
@@ -120,8 +130,26 @@ TEST(Op, CheckInputsNamesTheParam) {
   EXPECT_EQ(in.steps[0].item<float>(), 2);
 
   in.sums.pop_back();
-  expect_error([&] { check_adagrad_inputs(in.params, in.grads, in.sums, in.steps, 0); },
-               {"same length"});
+  expect_error([&] { step_two_groups(in); }, {"same length"});
+}
+
+TEST(Op, GroupsOpEqualsOneCallPerGroup) {
+  OpInputs a = make_inputs();
+  OpInputs b = make_inputs();
+  step_two_groups(a);
+  const auto first = [](const auto& v) { return at::TensorList(v).slice(0, 2); };
+  const auto last = [](const auto& v) { return at::TensorList(v).slice(2, 1); };
+  OptionalTensorList grads_first, grads_last;
+  for (size_t i = 0; i < 3; ++i) (i < 2 ? grads_first : grads_last).push_back(b.grads.get(i));
+  adagrad_step_(first(b.params), grads_first, first(b.sums), first(b.steps), 0.1, 0, 0, 1e-10,
+                false, false);
+  adagrad_step_(last(b.params), grads_last, last(b.sums), last(b.steps), 0.2, 0.01, 0.1, 1e-10,
+                true, false);
+  for (size_t i = 0; i < 3; ++i) {
+    EXPECT_TRUE(torch::equal(a.params[i], b.params[i])) << i;
+    EXPECT_TRUE(torch::equal(a.sums[i], b.sums[i])) << i;
+    EXPECT_TRUE(torch::equal(a.steps[i], b.steps[i])) << i;
+  }
 }
 
 // The Meta kernel validates shapes without touching data (torch.compile traces through it).

@@ -20,8 +20,11 @@ def reference_step(p, g, s, step, *, lr=1e-2, lr_decay=0.0, weight_decay=0.0, ep
         g = g.add(p, alpha=weight_decay)  # complex arithmetic for complex params, as in torch
     if torch.is_complex(p):
         p, g, s = torch.view_as_real(p), torch.view_as_real(g), torch.view_as_real(s)
-    lr = lr.item() if torch.is_tensor(lr) else lr
+    # A tensor lr stays a 0-d tensor, as torch's _to_scalar leaves it: the quotient is then
+    # computed and rounded in the tensor's dtype (float32 for torch.tensor(0.01)).
+    lr = lr.reshape(()) if torch.is_tensor(lr) else lr
     clr = lr / (1 + (step - 1) * lr_decay)
+    clr = clr.item() if torch.is_tensor(clr) else clr
     s.addcmul_(g, g, value=1)
     std = ieee_sqrt(s + eps) if eps_inside_sqrt else ieee_sqrt(s).add_(eps)
     p.addcdiv_(g, std, value=-clr)

@@ -1,4 +1,6 @@
 """The dispatcher op itself, the pybind11 module and the C++ optimizer seen from Python."""
+import re
+
 import pytest
 import torch
 
@@ -27,11 +29,63 @@ def test_opcheck(case):
     torch.library.opcheck(OP, args, kwargs)
 
 
-def test_check_op_opcheck():
-    params = [torch.randn(4)]
-    torch.library.opcheck(torch.ops.fused_adagrad.check_adagrad_inputs,
-                          (params, [torch.randn(4)], [torch.zeros(4)], [torch.tensor(0.0)]),
-                          dict(weight_decay=0.0))
+GROUPS_OP = torch.ops.fused_adagrad.adagrad_step_groups_
+
+
+def groups_kwargs(n, rowwise=False, **overrides):
+    """The per-group option lists of adagrad_step_groups_ for n groups of HYPER's options."""
+    kw = {k: [v] * n for k, v in HYPER.items()}
+    kw.update(eps_inside_sqrt=[False] * n, lr_tensor=[None] * n, rowwise=rowwise)
+    kw.update(overrides)
+    return kw
+
+
+@pytest.mark.parametrize("rowwise", [False, True], ids=["elementwise", "rowwise"])
+def test_groups_op_opcheck(rowwise):
+    params = [torch.randn(4, 3), torch.randn(5), torch.randn(2, 2)]
+    sums = ([torch.zeros(4), torch.zeros(5), torch.zeros(2)] if rowwise
+            else [torch.zeros_like(p) for p in params])
+    args = (params, [torch.randn(4, 3), None, torch.randn(2, 2)], sums,
+            [torch.tensor(0.0) for _ in params])
+    kw = groups_kwargs(2, rowwise, group_sizes=[2, 1], lr=[0.1, 0.01],
+                       lr_tensor=[None, torch.tensor(0.05)])
+    torch.library.opcheck(GROUPS_OP, args, kw)
+
+
+def test_groups_op_equals_one_op_call_per_group():
+    torch.manual_seed(0)
+    params = [torch.randn(7), torch.randn(3, 5), torch.randn(4)]
+    grads = [torch.randn_like(p) for p in params]
+    copies = [p.clone() for p in params]
+    sums, copy_sums = ([torch.full_like(p, 0.1) for p in params] for _ in range(2))
+    steps, copy_steps = ([torch.tensor(2.0) for _ in params] for _ in range(2))
+    options = [dict(lr=0.1, lr_decay=0.01, weight_decay=0.1, eps=1e-10, maximize=True,
+                    eps_inside_sqrt=False),
+               dict(lr=0.5, lr_decay=0.0, weight_decay=0.0, eps=1e-3, maximize=False,
+                    eps_inside_sqrt=True)]
+    GROUPS_OP(params, grads, sums, steps, group_sizes=[1, 2],
+              lr_tensor=[None, None], **{k: [o[k] for o in options] for k in options[0]})
+    OP(copies[:1], grads[:1], copy_sums[:1], copy_steps[:1], **options[0])
+    OP(copies[1:], grads[1:], copy_sums[1:], copy_steps[1:], **options[1])
+    for a, b in zip(params + sums + steps, copies + copy_sums + copy_steps):
+        assert torch.equal(a, b)
+
+
+def test_groups_op_names_the_group_and_refuses_sharing_across_groups():
+    p, q = torch.randn(3), torch.randn(3)
+    step = torch.tensor(0.0)
+    args = ([p, q], [torch.randn(3), torch.randn(3)], [torch.zeros(3), torch.zeros(3)], [step, step])
+    with pytest.raises(RuntimeError, match="param group 0, param 0: state 'step' shares memory "
+                                           "with param group 1, param 0's state 'step'"):
+        GROUPS_OP(*args, **groups_kwargs(2, group_sizes=[1, 1]))
+    assert step.item() == 0
+    with pytest.raises(RuntimeError, match="param group 1, param 0: grad has shape"):
+        GROUPS_OP([p, q], [torch.randn(3), torch.randn(4)], [torch.zeros(3), torch.zeros(3)],
+                  [torch.tensor(0.0), torch.tensor(0.0)], **groups_kwargs(2, group_sizes=[1, 1]))
+    with pytest.raises(RuntimeError, match="group sizes add up to 1 but the lists hold 2"):
+        GROUPS_OP(*args, **groups_kwargs(1, group_sizes=[1]))
+    with pytest.raises(RuntimeError, match="one entry per param group"):
+        GROUPS_OP(*args, **groups_kwargs(2, group_sizes=[1, 1], lr=[0.1]))
 
 
 def test_op_increments_steps_only_for_params_with_grad():
@@ -114,8 +168,9 @@ def test_tensors_that_share_written_memory_are_refused_and_nothing_changes(case)
     before = [t.clone() for t in (*params, *sums, *steps)]
     with pytest.raises(RuntimeError, match=match):
         OP(params, grads, sums, steps, **HYPER)
-    with pytest.raises(RuntimeError, match=match):
-        torch.ops.fused_adagrad.check_adagrad_inputs(params, grads, sums, steps, weight_decay=0.0)
+    # The op over groups names the group too.
+    with pytest.raises(RuntimeError, match=re.sub(r"param (\d)", r"param group 0, param \1", match)):
+        GROUPS_OP(params, grads, sums, steps, **groups_kwargs(1, group_sizes=[len(params)]))
     assert all(torch.equal(a, b) for a, b in zip(before, (*params, *sums, *steps)))
 
 

@@ -1,6 +1,7 @@
 """RowWiseAdagrad (FBGEMM's EXACT_ROWWISE_ADAGRAD plus torch's options) against a plain PyTorch
 reference of the formula written here, in the kernel's order of operations, so the comparison is
 bitwise for every dtype, option, row length and grad layout."""
+import io
 import os
 import subprocess
 import sys
@@ -289,6 +290,30 @@ def test_state_dict_round_trip_resumes_identically():
         second.step()
     for a, b in zip(straight.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_low_precision_checkpoint_keeps_float32_sums(dtype):
+    # torch's load_state_dict casts state tensors to the param's dtype; the row sums must not be.
+    table = torch.nn.Parameter(torch.randn(20, 8).to(dtype))
+    opt = RowWiseAdagrad([table], lr=0.1)
+    for i in range(3):
+        table.grad = torch.randn(20, 8, generator=torch.Generator().manual_seed(i)).to(dtype)
+        opt.step()
+    saved = io.BytesIO()
+    torch.save(opt.state_dict(), saved)
+    saved.seek(0)
+    copy = torch.nn.Parameter(table.detach().clone())
+    resumed = RowWiseAdagrad([copy], lr=0.1)
+    resumed.load_state_dict(torch.load(saved))
+    loaded = resumed.state[copy]["sum"]
+    assert loaded.dtype == torch.float32
+    assert torch.equal(loaded, opt.state[table]["sum"])
+    g = torch.randn(20, 8).to(dtype)
+    table.grad, copy.grad = g, g.clone()
+    opt.step()
+    resumed.step()
+    assert torch.equal(table, copy)
 
 
 def test_bad_inputs_raise_and_change_nothing():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from fused_adagrad import FusedAdagrad
+from fused_adagrad import FusedAdagrad, RowWiseAdagrad
 
 LOW = (torch.bfloat16, torch.float16)
 
@@ -196,6 +196,19 @@ def test_out_of_range_index_refused_with_nothing_changed(index):
         assert torch.equal(p.detach(), b)
         assert opt.state[p]["step"].item() == 0
         assert torch.equal(opt.state[p]["sum"], torch.zeros_like(b))
+
+
+@pytest.mark.parametrize("opt_cls", [FusedAdagrad, RowWiseAdagrad], ids=lambda c: c.__name__)
+def test_index_into_an_empty_table_refused(opt_cls):
+    # No row exists, so any index is out of range, though the step would touch no memory.
+    table = torch.zeros(0, 4, requires_grad=True)
+    opt = opt_cls([table], lr=0.1)
+    table.grad = torch.sparse_coo_tensor(torch.tensor([[3]]), torch.ones(1, 4), (0, 4),
+                                         check_invariants=False)
+    with pytest.raises(RuntimeError, match=r"param 0: sparse grad index 3 \(entry 0\) is out of "
+                                           "range for dimension 0 of size 0"):
+        opt.step()
+    assert opt.state[table]["step"].item() == 0
 
 
 def test_negative_index_refused_in_a_child_process():
