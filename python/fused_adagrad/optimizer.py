@@ -1,5 +1,7 @@
 """fused_adagrad.FusedAdagrad: a drop-in for torch.optim.Adagrad backed by one fused op per group,
 and the base it shares with RowWiseAdagrad (rowwise.py)."""
+import sys
+import weakref
 from typing import Optional, Union
 
 import torch
@@ -7,6 +9,29 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 _step_groups = torch.ops.fused_adagrad.adagrad_step_groups_
+_step = torch.ops.fused_adagrad.adagrad_step_
+_rowwise_step = torch.ops.fused_adagrad.rowwise_adagrad_step_
+
+
+def _dtensor_type():
+    """torch.distributed.tensor.DTensor once something has imported it (FSDP2, DTensor users),
+    else None: a process that never did pays nothing for the check."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None)
+
+
+def _local_shards(params, grads, sums):
+    """DTensor params (FSDP2's fully_shard, distribute_tensor) step on their local shards:
+    Adagrad is element-wise, so each rank's shard steps exactly as the whole tensor would. Sums
+    and grads are DTensors of the param's placements (sums are made with them); the op gets the
+    local tensors. Plain tensors pass through."""
+    dtensor = _dtensor_type()
+
+    def local(t):
+        return t._local_tensor if isinstance(t, dtensor) else t
+
+    return ([local(p) for p in params], [None if g is None else local(g) for g in grads],
+            [local(s) for s in sums])
 
 
 class _FusedAdagradBase(Optimizer):
@@ -29,6 +54,7 @@ class _FusedAdagradBase(Optimizer):
         differentiable: bool = False,
         fused: Optional[bool] = None,
         eps_inside_sqrt: bool = False,
+        step_in_backward: bool = False,
     ) -> None:
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
@@ -61,6 +87,10 @@ class _FusedAdagradBase(Optimizer):
             "fused": fused,
             "eps_inside_sqrt": eps_inside_sqrt,
         }
+        # Set before super().__init__, whose add_param_group calls register the hooks.
+        self._step_in_backward = step_in_backward
+        self._backward_hooks = []
+        self._group_of_param = None  # id(param) -> its group, for the hooks; None: rebuild
         super().__init__(params, defaults)  # calls add_param_group, which creates the state
 
     def _new_sum(self, p: Tensor, init: float) -> Tensor:
@@ -71,6 +101,50 @@ class _FusedAdagradBase(Optimizer):
         group = self.param_groups[-1]
         for p in group["params"]:
             self._init_state(p, group)
+        self._group_of_param = None
+        if getattr(self, "_step_in_backward", False):
+            optimizer = weakref.ref(self)  # the params' hooks must not keep the optimizer alive
+
+            def hook(param):
+                opt = optimizer()
+                if opt is not None:
+                    opt._step_param(param)
+
+            for p in group["params"]:
+                if p.requires_grad:
+                    self._backward_hooks.append(p.register_post_accumulate_grad_hook(hook))
+
+    def _step_param(self, p: Tensor) -> None:
+        """step_in_backward: one param's step as soon as its grad is complete, then its grad is
+        freed. The group is looked up now, so schedulers and load_state_dict take effect."""
+        if self._group_of_param is None:
+            self._group_of_param = {id(q): (i, g) for i, g in enumerate(self.param_groups)
+                                    for q in g["params"]}
+        index, group = self._group_of_param[id(p)]
+        state = self.state[p] or self._init_state(p, group)
+        lr = group["lr"]
+        is_tensor = isinstance(lr, Tensor)
+        op = _rowwise_step if self._rowwise else _step
+        try:
+            with torch.no_grad():
+                ps, gs, ss = [p], [p.grad], [state["sum"]]
+                if _dtensor_type() is not None and isinstance(p, _dtensor_type()):
+                    ps, gs, ss = _local_shards(ps, gs, ss)
+                op(ps, gs, ss, [state["step"]],
+                   lr=0.0 if is_tensor else lr, lr_decay=group["lr_decay"],
+                   weight_decay=group["weight_decay"], eps=group["eps"],
+                   maximize=group["maximize"], eps_inside_sqrt=group["eps_inside_sqrt"],
+                   lr_tensor=lr if is_tensor else None)
+        except RuntimeError as e:
+            raise RuntimeError(f"{type(self).__name__}: param group {index}, {e}") from None
+        p.grad = None
+
+    def share_memory(self) -> None:
+        """Moves the `sum` states to shared memory (Hogwild training with torch.multiprocessing),
+        as torch.optim.Adagrad does; steps stay per process, as there."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.state[p]["sum"].share_memory_()
 
     def _init_state(self, p: Tensor, group: dict) -> dict:
         state = self.state[p]
@@ -86,6 +160,10 @@ class _FusedAdagradBase(Optimizer):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
+        self._group_of_param = None  # load_state_dict made new group dicts
+        # Unpickled (another process): hooks do not travel, so it steps in step().
+        self.__dict__.setdefault("_step_in_backward", False)
+        self.__dict__.setdefault("_backward_hooks", [])
         for group in self.param_groups:
             group.setdefault("foreach", None)
             group.setdefault("maximize", False)
@@ -112,6 +190,8 @@ class _FusedAdagradBase(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._step_in_backward:
+            return loss  # the params stepped during backward
 
         # One op call for every group: it validates them all before it changes any, so a failed
         # step changes nothing. Per param the least work (list comprehensions); state is made
@@ -123,9 +203,13 @@ class _FusedAdagradBase(Optimizer):
             states = [self.state[p] for p in ps]
             if not all(states):
                 states = [s or self._init_state(p, group) for p, s in zip(ps, states)]
+            group_grads = [p.grad for p in ps]
+            group_sums = [s["sum"] for s in states]
+            if _dtensor_type() is not None and any(isinstance(p, _dtensor_type()) for p in ps):
+                ps, group_grads, group_sums = _local_shards(ps, group_grads, group_sums)
             params += ps
-            grads += [p.grad for p in ps]
-            sums += [s["sum"] for s in states]
+            grads += group_grads
+            sums += group_sums
             steps += [s["step"] for s in states]
             sizes.append(len(ps))
             group_lr = group["lr"]
@@ -164,6 +248,13 @@ class FusedAdagrad(_FusedAdagradBase):
       loaded from another model) changes no parameter and no state.
     * Params added with ``add_param_group`` get state at once, from their own group's
       ``initial_accumulator_value``.
+
+    * ``step_in_backward=True`` steps each param from a post-accumulate-grad hook as soon as
+      backward has produced its grad, then frees the grad (``p.grad = None``), so that no more
+      than one param's grad needs to be alive at once beyond what autograd holds; ``step()``
+      then only runs the closure. Same numbers as the plain step; each backward is one step (no
+      grad accumulation over several backwards), and a failing param raises from backward.
+    * ``share_memory()`` as torch.optim.Adagrad's.
 
     ``foreach`` and ``fused`` are accepted and stored for compatibility; they change nothing.
     ``differentiable=True`` is not supported.

@@ -3,7 +3,7 @@ their embedding tables (FBGEMM's EXACT_ROWWISE_ADAGRAD)."""
 import torch
 from torch import Tensor
 
-from .optimizer import _FusedAdagradBase
+from .optimizer import _FusedAdagradBase, _dtensor_type
 
 
 class RowWiseAdagrad(_FusedAdagradBase):
@@ -23,7 +23,8 @@ class RowWiseAdagrad(_FusedAdagradBase):
     param), float32 for float32/float16/bfloat16 params and float64 for float64 ones. Sparse
     grads (``nn.Embedding(sparse=True)``) update only the rows they touch, duplicates summed
     first, and weight decay then applies to those rows only. Complex params are not supported.
-    A step that raises changes no parameter and no state.
+    A step that raises changes no parameter and no state. ``step_in_backward`` and
+    ``share_memory()`` work as in FusedAdagrad.
     """
 
     _rowwise = True
@@ -35,7 +36,33 @@ class RowWiseAdagrad(_FusedAdagradBase):
     def _new_sum(self, p: Tensor, init: float) -> Tensor:
         if torch.is_complex(p):
             raise ValueError("RowWiseAdagrad does not support complex parameters")
+        dtensor = _dtensor_type()
+        if dtensor is not None and isinstance(p, dtensor):
+            return self._new_sharded_sum(p, init)
         return torch.full(p.shape[:1], init, dtype=self._sum_dtype(p), device=p.device)
+
+    def _new_sharded_sum(self, p: Tensor, init: float) -> Tensor:
+        """A DTensor param's row sums: a DTensor on the param's mesh holding, on each rank, the
+        sums of the rows of its local shard. Exact only if no row is split between ranks, so
+        only sharding along dim 0 (FSDP2's) or replication is accepted."""
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+
+        placements = []
+        for placement in p.placements:
+            if isinstance(placement, Shard) and placement.dim == 0 and p.dim() > 0:
+                placements.append(Shard(0))
+            elif isinstance(placement, Replicate):
+                placements.append(Replicate())
+            else:
+                raise ValueError(
+                    f"RowWiseAdagrad: a DTensor param of shape {tuple(p.shape)} with placements "
+                    f"{p.placements} splits its rows between ranks, so no rank sees a whole row "
+                    "to average g*g over; shard it along dim 0 (as fully_shard does) or "
+                    "replicate it")
+        local_rows = p._local_tensor.shape[:1]
+        local = torch.full(local_rows, init, dtype=self._sum_dtype(p), device=p._local_tensor.device)
+        return DTensor.from_local(local, p.device_mesh, placements, run_check=False,
+                                  shape=p.shape[:1], stride=(1,) if p.dim() > 0 else ())
 
     def load_state_dict(self, state_dict: dict) -> None:
         # torch.optim.Optimizer casts every floating state tensor but `step` to its param's dtype:
