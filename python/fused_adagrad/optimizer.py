@@ -1,5 +1,5 @@
-"""fused_adagrad.FusedAdagrad: a drop-in for torch.optim.Adagrad backed by one fused op per group,
-and the base it shares with RowWiseAdagrad (rowwise.py)."""
+"""fused_adagrad.FusedAdagrad: a drop-in for torch.optim.Adagrad backed by one fused op call per
+step for all param groups, and the base it shares with RowWiseAdagrad (rowwise.py)."""
 import sys
 import weakref
 from typing import Optional, Union
@@ -238,8 +238,9 @@ class _FusedAdagradBase(Optimizer):
 class FusedAdagrad(_FusedAdagradBase):
     """Adagrad with the arguments, numbers and state layout of ``torch.optim.Adagrad``.
 
-    Each step runs one fused op per param group: for every element it reads param, grad and the
-    squared-gradient sum once and writes param and sum once. ``state_dict()`` from either optimizer
+    Each step is one fused op call for all param groups (validated together before any
+    changes): for every element it reads param, grad and the squared-gradient sum once and
+    writes param and sum once. ``state_dict()`` from either optimizer
     loads into the other. Differences from torch.optim.Adagrad, all additions:
 
     * ``eps_inside_sqrt=True`` divides by ``sqrt(sum + eps)`` (Keras 3, Optax, d2l) instead of
