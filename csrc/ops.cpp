@@ -29,11 +29,13 @@ void step_groups_meta(at::TensorList params, const OptionalTensorList& grads, at
                       c10::ArrayRef<double> lr_decay, c10::ArrayRef<double> weight_decay,
                       c10::ArrayRef<double> eps, const c10::List<bool>& maximize,
                       const c10::List<bool>& eps_inside_sqrt, const OptionalTensorList& lr_tensor,
-                      bool rowwise) {
+                      bool rowwise, const std::optional<at::Tensor>& grad_scale,
+                      const std::optional<at::Tensor>& found_inf) {
   check_group_metadata(
       rowwise ? Variant::RowWise : Variant::Elementwise, params, grads.vec(), sums, steps,
       group_spans({group_sizes, lr, lr_decay, weight_decay, eps, maximize, eps_inside_sqrt, lr_tensor}),
       true);
+  check_grad_scaling({grad_scale, found_inf});
 }
 
 // The signatures of the step ops (the two per-group ones share one).
@@ -42,7 +44,8 @@ using StepFn = void(at::TensorList, const OptionalTensorList&, at::TensorList, a
 using StepGroupsFn = void(at::TensorList, const OptionalTensorList&, at::TensorList, at::TensorList,
                           c10::IntArrayRef, c10::ArrayRef<double>, c10::ArrayRef<double>,
                           c10::ArrayRef<double>, c10::ArrayRef<double>, const c10::List<bool>&,
-                          const c10::List<bool>&, const OptionalTensorList&, bool);
+                          const c10::List<bool>&, const OptionalTensorList&, bool,
+                          const std::optional<at::Tensor>&, const std::optional<at::Tensor>&);
 
 template <typename Fn>
 c10::TypedOperatorHandle<Fn> typed_op(const char* name) {
@@ -65,10 +68,11 @@ c10::TypedOperatorHandle<StepGroupsFn> step_groups_op() {
 // The steps are not differentiable. Like ATen's in-place ops they refuse, in grad mode, to write
 // a tensor that requires grad, and they bump the version counter of every tensor they write, so a
 // backward through a value saved before the step fails loudly instead of using the new values.
+// `written_grads`: the grads a grad_scale makes the step write (their values, for sparse ones).
 template <typename Redispatch>
 void autograd_around(at::TensorList params, at::TensorList sums, at::TensorList steps,
-                     Redispatch&& redispatch) {
-  const std::initializer_list<at::TensorList> written{params, sums, steps};
+                     const std::vector<at::Tensor>& written_grads, Redispatch&& redispatch) {
+  const std::initializer_list<at::TensorList> written{params, sums, steps, written_grads};
   if (at::GradMode::is_enabled()) {
     for (at::TensorList list : written) {
       for (const at::Tensor& t : list) {
@@ -87,12 +91,22 @@ void autograd_around(at::TensorList params, at::TensorList sums, at::TensorList 
   }
 }
 
+std::vector<at::Tensor> grads_written(const OptionalTensorList& grads,
+                                      const std::optional<at::Tensor>& grad_scale) {
+  std::vector<at::Tensor> out;
+  if (!grad_scale.has_value() || !grad_scale->defined()) return out;
+  for (const std::optional<at::Tensor>& g : grads) {
+    if (g.has_value() && g->defined()) out.push_back(*g);
+  }
+  return out;
+}
+
 template <Variant kVariant>
 void step_autograd(c10::DispatchKeySet keys, at::TensorList params, const OptionalTensorList& grads,
                    at::TensorList sums, at::TensorList steps, double lr, double lr_decay,
                    double weight_decay, double eps, bool maximize, bool eps_inside_sqrt,
                    const std::optional<at::Tensor>& lr_tensor) {
-  autograd_around(params, sums, steps, [&] {
+  autograd_around(params, sums, steps, {}, [&] {
     step_op<kVariant>().redispatch(keys & c10::after_ADInplaceOrView_keyset, params, grads, sums,
                                    steps, lr, lr_decay, weight_decay, eps, maximize,
                                    eps_inside_sqrt, lr_tensor);
@@ -105,11 +119,13 @@ void step_groups_autograd(c10::DispatchKeySet keys, at::TensorList params,
                           c10::ArrayRef<double> lr, c10::ArrayRef<double> lr_decay,
                           c10::ArrayRef<double> weight_decay, c10::ArrayRef<double> eps,
                           const c10::List<bool>& maximize, const c10::List<bool>& eps_inside_sqrt,
-                          const OptionalTensorList& lr_tensor, bool rowwise) {
-  autograd_around(params, sums, steps, [&] {
+                          const OptionalTensorList& lr_tensor, bool rowwise,
+                          const std::optional<at::Tensor>& grad_scale,
+                          const std::optional<at::Tensor>& found_inf) {
+  autograd_around(params, sums, steps, grads_written(grads, grad_scale), [&] {
     step_groups_op().redispatch(keys & c10::after_ADInplaceOrView_keyset, params, grads, sums,
                                 steps, group_sizes, lr, lr_decay, weight_decay, eps, maximize,
-                                eps_inside_sqrt, lr_tensor, rowwise);
+                                eps_inside_sqrt, lr_tensor, rowwise, grad_scale, found_inf);
   });
 }
 
@@ -134,12 +150,16 @@ TORCH_LIBRARY(fused_adagrad, m) {
       "bool maximize, bool eps_inside_sqrt=False, Tensor? lr_tensor=None) -> ()");
   // Several param groups in one call (what FusedAdagrad and RowWiseAdagrad run): group g is the
   // next group_sizes[g] params, with entry g of each option list. Everything is validated,
-  // across groups, before any group changes; errors name the group.
+  // across groups, before any group changes; errors name the group. grad_scale and found_inf
+  // are torch.amp.GradScaler's (fused_adagrad.h, GradScaling): with a grad_scale the step divides
+  // each grad by it and writes the unscaled grad back (hence grads are mutable), and a nonzero
+  // found_inf makes the step change nothing.
   m.def(
-      "adagrad_step_groups_(Tensor(a!)[] params, Tensor?[] grads, Tensor(b!)[] sums, "
+      "adagrad_step_groups_(Tensor(a!)[] params, Tensor(d!)?[] grads, Tensor(b!)[] sums, "
       "Tensor(c!)[] steps, *, int[] group_sizes, float[] lr, float[] lr_decay, "
       "float[] weight_decay, float[] eps, bool[] maximize, bool[] eps_inside_sqrt, "
-      "Tensor?[] lr_tensor, bool rowwise=False) -> ()");
+      "Tensor?[] lr_tensor, bool rowwise=False, Tensor? grad_scale=None, "
+      "Tensor? found_inf=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fused_adagrad, Meta, m) {
@@ -191,9 +211,11 @@ void adagrad_step_groups_(at::TensorList params, const OptionalTensorList& grads
                           c10::ArrayRef<double> lr, c10::ArrayRef<double> lr_decay,
                           c10::ArrayRef<double> weight_decay, c10::ArrayRef<double> eps,
                           const c10::List<bool>& maximize, const c10::List<bool>& eps_inside_sqrt,
-                          const OptionalTensorList& lr_tensor, bool rowwise) {
+                          const OptionalTensorList& lr_tensor, bool rowwise,
+                          const std::optional<at::Tensor>& grad_scale,
+                          const std::optional<at::Tensor>& found_inf) {
   step_groups_op().call(params, grads, sums, steps, group_sizes, lr, lr_decay, weight_decay, eps,
-                        maximize, eps_inside_sqrt, lr_tensor, rowwise);
+                        maximize, eps_inside_sqrt, lr_tensor, rowwise, grad_scale, found_inf);
 }
 
 BuildInfo build_info() {

@@ -64,12 +64,16 @@ FusedAdagradParamState& FusedAdagrad::state_for(const torch::Tensor& p,
       });
 }
 
-torch::Tensor FusedAdagrad::step(LossClosure closure) {
+torch::Tensor FusedAdagrad::step(LossClosure closure) { return step_with(closure, {}); }
+
+void FusedAdagrad::step(const GradScaling& scaling) { step_with(nullptr, scaling); }
+
+torch::Tensor FusedAdagrad::step_with(const LossClosure& closure, const GradScaling& scaling) {
   auto state = [this](const torch::Tensor& p, const FusedAdagradOptions& o) -> auto& {
     return state_for(p, o);
   };
-  return common::step_param_groups<FusedAdagradOptions>(
-      kName, *this, closure, /*rowwise=*/false, state);
+  return common::step_param_groups<FusedAdagradOptions>(kName, *this, closure, /*rowwise=*/false,
+                                                        state, scaling);
 }
 
 // torch::optim::Adagrad's layout and int64 steps, so that it loads ours (see the header).

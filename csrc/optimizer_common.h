@@ -426,7 +426,8 @@ void load_optimizer(const char* name, torch::optim::Optimizer& opt,
 template <typename Options, typename StateFor>
 torch::Tensor step_param_groups(const char* name, torch::optim::Optimizer& opt,
                                 const torch::optim::Optimizer::LossClosure& closure,
-                                bool rowwise, StateFor&& state_for) {
+                                bool rowwise, StateFor&& state_for,
+                                const GradScaling& scaling = {}) {
   torch::NoGradGuard no_grad;
   torch::Tensor loss = {};
   if (closure != nullptr) {
@@ -460,7 +461,8 @@ torch::Tensor step_param_groups(const char* name, torch::optim::Optimizer& opt,
   }
   try {
     adagrad_step_groups_(params, grads, sums, steps, sizes, lr, lr_decay, weight_decay, eps,
-                         maximize, eps_inside_sqrt, lr_tensors, rowwise);
+                         maximize, eps_inside_sqrt, lr_tensors, rowwise, scaling.grad_scale,
+                         scaling.found_inf);
   } catch (const c10::Error& e) {
     TORCH_CHECK(false, name, ": ", e.what_without_backtrace());
   }

@@ -115,7 +115,7 @@ struct ParamNames {
 // the step (the second write would be lost, or a grad change under the update). Extents are
 // sorted, so only neighbours whose ranges meet are compared: O(n log n) for n tensors.
 void check_no_aliasing(at::TensorList params, GradList grads, at::TensorList sums,
-                       at::TensorList steps, const ParamNames& name) {
+                       at::TensorList steps, bool grads_written, const ParamNames& name) {
   std::vector<Extent> extents;
   std::vector<at::Tensor> grad_parts;  // owns the tensors the extents of sparse grads point to
   grad_parts.reserve(2 * params.size());
@@ -128,11 +128,10 @@ void check_no_aliasing(at::TensorList params, GradList grads, at::TensorList sum
     const at::Tensor g = *grads[i];
     if (g.is_sparse()) {
       grad_parts.push_back(g._values());
-      add_extent(extents, grad_parts.back(), i, "grad", false);
     } else {
       grad_parts.push_back(g);
-      add_extent(extents, grad_parts.back(), i, "grad", false);
     }
+    add_extent(extents, grad_parts.back(), i, "grad", grads_written);
   }
   for (const Extent& e : extents) {
     TORCH_CHECK(!e.written || at::has_internal_overlap(*e.tensor) != at::MemOverlap::Yes,
@@ -146,7 +145,7 @@ void check_no_aliasing(at::TensorList params, GradList grads, at::TensorList sum
     for (size_t b = a + 1; b < extents.size() && extents[b].begin < extents[a].end; ++b) {
       const Extent& x = extents[a];
       const Extent& y = extents[b];
-      if (!x.written && !y.written) continue;  // two grads may share memory: both are only read
+      if (!x.written && !y.written) continue;  // two grads may share memory when only read
       const at::MemOverlapStatus status = at::get_overlap_status(*x.tensor, *y.tensor);
       // TooHard: interleaved strided views whose ranges meet; disjoint in every real case.
       if (status != at::MemOverlapStatus::Full && status != at::MemOverlapStatus::Partial) {
@@ -154,7 +153,8 @@ void check_no_aliasing(at::TensorList params, GradList grads, at::TensorList sum
       }
       TORCH_CHECK(false, name(x.param), ": ", x.role, " shares memory with ", name(y.param),
                   "'s ", y.role, "; a step writes ", x.written ? x.role : y.role,
-                  ", so each param, sum and step must be a tensor of its own");
+                  ", so each param, sum and step (and, with a grad_scale, each grad) must be a "
+                  "tensor of its own");
     }
   }
 }
@@ -205,7 +205,7 @@ CaptureQuery capture_query = nullptr;
 // host or an lr read from a host tensor would stay at their captured values, and a sparse grad's
 // rows (their number included) change every step.
 void check_capturable(at::TensorList params, GradList grads, at::TensorList steps,
-                      const std::optional<at::Tensor>& lr_tensor) {
+                      const std::optional<at::Tensor>& lr_tensor, const GradScaling& scaling) {
   if (capture_query == nullptr) return;
   std::vector<at::Device> capturing;
   for (size_t i = 0; i < params.size(); ++i) {
@@ -222,6 +222,12 @@ void check_capturable(at::TensorList params, GradList grads, at::TensorList step
     TORCH_CHECK(!lr_tensor.has_value() || !lr_tensor->defined() || lr_tensor->is_cuda(),
                 "lr is a CPU tensor while the step is captured into a CUDA graph, which would keep "
                 "the value it had at capture; put the lr tensor on the device");
+    for (const auto* t : {&scaling.grad_scale, &scaling.found_inf}) {
+      TORCH_CHECK(!t->has_value() || !(*t)->defined() || (*t)->is_cuda(),
+                  t == &scaling.grad_scale ? "grad_scale" : "found_inf",
+                  " is a CPU tensor while the step is captured into a CUDA graph, which would keep "
+                  "the value it had at capture; put it on the device");
+    }
   }
 }
 
@@ -236,6 +242,15 @@ at::Tensor contiguous_work(const at::Tensor& user, std::vector<Staged>& staged) 
   return work;
 }
 
+// A grad the kernels read as a copy: kept alive for them, and written back when they unscale it.
+void keep_grad_copy(const at::Tensor& user, const at::Tensor& work, StepPlan& plan) {
+  if (plan.scaling.unscales()) {
+    plan.staged.push_back({user, work});
+  } else {
+    plan.keep_alive.push_back(work);
+  }
+}
+
 // Element-wise kernels walk param, grad and sum as flat arrays in memory order: all three dense
 // in one layout, or dense copies (empty_like of a dense tensor keeps its strides).
 DenseParam elementwise_layout(size_t i, at::Tensor p, at::Tensor g, at::Tensor s,
@@ -247,8 +262,9 @@ DenseParam elementwise_layout(size_t i, at::Tensor p, at::Tensor g, at::Tensor s
   }
   at::Tensor p_work = p.is_non_overlapping_and_dense() ? p : p.contiguous();
   if (!same_dense_layout(p_work, g)) {
-    g = at::empty_like(p_work).copy_(g);
-    plan.keep_alive.push_back(g);
+    at::Tensor g_work = at::empty_like(p_work).copy_(g);
+    keep_grad_copy(g, g_work, plan);
+    g = g_work;
   }
   at::Tensor s_work = same_dense_layout(p_work, s) ? s : at::empty_like(p_work).copy_(s);
   if (!p_work.is_same(p)) plan.staged.push_back({p, p_work});
@@ -259,8 +275,8 @@ DenseParam elementwise_layout(size_t i, at::Tensor p, at::Tensor g, at::Tensor s
 // Row-wise kernels walk rows of dim 0: param and grad contiguous, sum one value per row.
 DenseParam rowwise_layout(size_t i, const at::Tensor& p, const at::Tensor& g, const at::Tensor& s,
                           StepPlan& plan) {
-  at::Tensor g_work = g.contiguous();
-  if (!g_work.is_same(g)) plan.keep_alive.push_back(g_work);
+  const at::Tensor g_work = g.contiguous();
+  if (!g_work.is_same(g)) keep_grad_copy(g, g_work, plan);
   const int64_t rows = p.dim() == 0 ? 1 : p.size(0);
   return {i, contiguous_work(p, plan.staged), g_work, contiguous_work(s, plan.staged),
           p.numel() / rows};
@@ -350,13 +366,14 @@ void in_group(bool name_groups, size_t g, Check&& check) {
 
 // One group's layout work: dense params by (device, dtype), sparse ones with their checked rows.
 StepPlan plan_group(Variant variant, at::TensorList params, GradList grads, at::TensorList sums,
-                    const GroupSpan& span) {
+                    const GroupSpan& span, const GradScaling& scaling) {
   // Only the sparse index check can throw; staging copies allocate but change nothing the user
   // holds.
   StepPlan plan;
   plan.begin = span.begin;
   plan.count = span.count;
   plan.options = span.options;
+  plan.scaling = scaling;
   for (size_t i = 0; i < params.size(); ++i) {
     if (!has_grad(grads, i)) continue;  // no grad: no step, like torch
     plan.stepping.push_back(i);
@@ -368,9 +385,11 @@ StepPlan plan_group(Variant variant, at::TensorList params, GradList grads, at::
       if (g._nnz() == 0 || p.numel() == 0) continue;
       int64_t row_count = 1;
       for (int64_t d = 0; d < g.sparse_dim(); ++d) row_count *= g.size(d);
+      const at::Tensor values = g._values();
+      const at::Tensor values_work = values.contiguous();
+      if (!values_work.is_same(values)) keep_grad_copy(values, values_work, plan);
       plan.sparse.push_back({i, contiguous_work(p, plan.staged), contiguous_work(sums[i], plan.staged),
-                             g, g._values().contiguous(), std::move(row_of), row_count,
-                             p.numel() / row_count});
+                             g, values_work, std::move(row_of), row_count, p.numel() / row_count});
       continue;
     }
     if (p.numel() == 0) continue;
@@ -444,20 +463,23 @@ void check_group_metadata(Variant variant, at::TensorList params, GradList grads
 
 std::vector<StepPlan> plan_groups(Variant variant, at::TensorList params, GradList grads,
                                   at::TensorList sums, at::TensorList steps,
-                                  const std::vector<GroupSpan>& groups, bool name_groups) {
+                                  const std::vector<GroupSpan>& groups, bool name_groups,
+                                  const GradScaling& scaling) {
   check_group_metadata(variant, params, grads, sums, steps, groups, name_groups);
+  check_grad_scaling(scaling);
   // Every tensor of the step against every other, across groups too.
   std::vector<size_t> ends;
   for (const GroupSpan& span : groups) ends.push_back(span.begin + span.count);
-  check_no_aliasing(params, grads, sums, steps, ParamNames{name_groups ? ends : std::vector<size_t>{}});
+  check_no_aliasing(params, grads, sums, steps, scaling.unscales(),
+                    ParamNames{name_groups ? ends : std::vector<size_t>{}});
   std::vector<StepPlan> plans;
   plans.reserve(groups.size());
   for (size_t g = 0; g < groups.size(); ++g) {
     const GroupSpan& span = groups[g];
     const auto slice = [&](auto list) { return list.slice(span.begin, span.count); };
     in_group(name_groups, g, [&] {
-      check_capturable(slice(params), slice(grads), slice(steps), span.options.lr_tensor);
-      plans.push_back(plan_group(variant, slice(params), slice(grads), slice(sums), span));
+      check_capturable(slice(params), slice(grads), slice(steps), span.options.lr_tensor, scaling);
+      plans.push_back(plan_group(variant, slice(params), slice(grads), slice(sums), span, scaling));
     });
   }
   return plans;
@@ -472,6 +494,24 @@ StepPlan plan_step(Variant variant, at::TensorList params, GradList grads, at::T
 
 void StepPlan::write_back() const {
   for (const Staged& s : staged) s.user.copy_(s.work);
+}
+
+void check_grad_scaling(const GradScaling& scaling) {
+  for (const auto* t : {&scaling.grad_scale, &scaling.found_inf}) {
+    if (!t->has_value() || !(*t)->defined()) continue;
+    const char* name = t == &scaling.grad_scale ? "grad_scale" : "found_inf";
+    TORCH_CHECK((*t)->numel() == 1 && (*t)->scalar_type() == at::kFloat &&
+                    (*t)->layout() == at::kStrided,
+                name, " must be a one-element float32 tensor (as torch.amp.GradScaler makes it), "
+                "got a ", (*t)->scalar_type(), " tensor with ", (*t)->numel(), " elements");
+    const at::Device d = (*t)->device();
+    TORCH_CHECK(d.is_cpu() || d.is_cuda() || d.is_meta(), name, " is a tensor on ", d,
+                "; it must be on the CPU or a CUDA device");
+  }
+}
+
+bool host_found_inf(const GradScaling& scaling) {
+  return scaling.may_skip() && scaling.found_inf->item<float>() != 0.0f;
 }
 
 HostLearningRate host_learning_rate(const StepOptions& options) {

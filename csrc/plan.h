@@ -28,6 +28,9 @@ struct GroupSpan {
   StepOptions options;
 };
 
+// Checks the metadata of the scaling tensors (one element, float32, on the CPU or a CUDA device).
+void check_grad_scaling(const GradScaling& scaling);
+
 // The op's grads (None for a param without one), sliceable per group.
 using GradList = c10::ArrayRef<std::optional<at::Tensor>>;
 
@@ -108,7 +111,8 @@ struct StepPlan {
   std::vector<DenseGroup> dense;   // by (device, dtype), in order of first appearance
   std::vector<SparseParam> sparse;
   std::vector<Staged> staged;
-  std::vector<at::Tensor> keep_alive;  // grad copies the kernels read
+  std::vector<at::Tensor> keep_alive;  // grad copies the kernels read (and, unscaling, staged)
+  GradScaling scaling;
 
   // Copies the staged results back to the user's tensors.
   void write_back() const;
@@ -119,10 +123,13 @@ struct StepPlan {
 // is written (a step given twice, a sum or grad overlapping its param; across groups too), sparse
 // grad indices out of range (for a CUDA grad this reads its min and max: one synchronization),
 // and, under CUDA graph capture, what a graph would freeze at its captured value (a host step,
-// a host lr tensor) or cannot replay (a sparse grad).
+// a host lr tensor, host scaling tensors) or cannot replay (a sparse grad). With a grad_scale,
+// grads are written too: then no grad may share memory with any other tensor of the step, and a
+// grad the kernels read as a copy is staged (written back) like a param.
 std::vector<StepPlan> plan_groups(Variant variant, at::TensorList params, GradList grads,
                                   at::TensorList sums, at::TensorList steps,
-                                  const std::vector<GroupSpan>& groups, bool name_groups);
+                                  const std::vector<GroupSpan>& groups, bool name_groups,
+                                  const GradScaling& scaling = {});
 
 // plan_groups for one group (the per-group ops), errors naming params by their index alone.
 StepPlan plan_step(Variant variant, at::TensorList params, GradList grads, at::TensorList sums,
@@ -138,6 +145,10 @@ HostLearningRate host_learning_rate(const StepOptions& options);
 // -clr for one parameter, rounded exactly as torch.optim.Adagrad's single-tensor path rounds it:
 // in double for a float lr; in the lr tensor's dtype for a tensor lr (torch divides the tensor).
 double neg_clr(const HostLearningRate& lr, double step, double lr_decay);
+
+// Whether the step is to be skipped: found_inf read on the host (a synchronization for a device
+// tensor), false without one.
+bool host_found_inf(const GradScaling& scaling);
 
 // step += 1 on a one-element host tensor; returns the new value as torch reads it (step.item()).
 double increment_host_step(const at::Tensor& step);

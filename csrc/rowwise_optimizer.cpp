@@ -67,12 +67,16 @@ RowWiseAdagradParamState& RowWiseAdagrad::state_for(const torch::Tensor& p,
       });
 }
 
-torch::Tensor RowWiseAdagrad::step(LossClosure closure) {
+torch::Tensor RowWiseAdagrad::step(LossClosure closure) { return step_with(closure, {}); }
+
+void RowWiseAdagrad::step(const GradScaling& scaling) { step_with(nullptr, scaling); }
+
+torch::Tensor RowWiseAdagrad::step_with(const LossClosure& closure, const GradScaling& scaling) {
   auto state = [this](const torch::Tensor& p, const RowWiseAdagradOptions& o) -> auto& {
     return state_for(p, o);
   };
-  return common::step_param_groups<RowWiseAdagradOptions>(
-      kName, *this, closure, /*rowwise=*/true, state);
+  return common::step_param_groups<RowWiseAdagradOptions>(kName, *this, closure, /*rowwise=*/true,
+                                                          state, scaling);
 }
 
 // Tensor steps: torch::optim::Adagrad then refuses the archive instead of taking row-wise sums

@@ -26,6 +26,7 @@ struct KernelChoice {
   SparseRangeFn sparse_fn;
   RowRangeFn rowwise_fn;
   SparseRangeFn rowwise_sparse_fn;
+  UnscaleFn unscale_fn;
 };
 
 bool cpu_has_avx512() {
@@ -55,18 +56,18 @@ KernelChoice choose_kernel() {
 #if defined(__x86_64__)
   if ((want.empty() || want == "avx512") && cpu_has_avx512()) {
     return {"avx512", avx512::update_range, avx512::sparse_update_range, avx512::rowwise_update_range,
-            avx512::rowwise_sparse_update_range};
+            avx512::rowwise_sparse_update_range, avx512::unscale};
   }
   if ((want.empty() || want == "avx512" || want == "avx2") && cpu_has_avx2()) {
     TORCH_CHECK(want != "avx512", "FUSED_ADAGRAD_CPU_KERNEL=avx512 but this CPU or build lacks AVX-512");
     return {"avx2", avx2::update_range, avx2::sparse_update_range, avx2::rowwise_update_range,
-            avx2::rowwise_sparse_update_range};
+            avx2::rowwise_sparse_update_range, avx2::unscale};
   }
 #endif
   TORCH_CHECK(want.empty() || want == "base", "FUSED_ADAGRAD_CPU_KERNEL=", want,
               " is not available on this CPU or build (choose base, avx2 or avx512)");
   return {"base", base::update_range, base::sparse_update_range, base::rowwise_update_range,
-            base::rowwise_sparse_update_range};
+            base::rowwise_sparse_update_range, base::unscale};
 }
 
 const KernelChoice& kernel() {
@@ -88,6 +89,10 @@ Dtype kernel_dtype(at::ScalarType t) {
 
 // Below this many elements in total a step runs on the calling thread.
 constexpr int64_t kGrainSize = 32768;
+
+// With a grad_scale, each thread unscales this many elements of its range and then updates them
+// while they are still in its L1 cache (a grad is read from memory once, as without scaling).
+constexpr int64_t kUnscaleChunk = 4096;
 
 // Value rows in order of the table row they update, ties in grad order: a stable LSD radix sort
 // on 8-bit digits of the row id, O(nnz) per digit, buffers sized by nnz (never by the table).
@@ -144,6 +149,39 @@ SparseWork sparse_work(Variant variant, const SparseParam& sp) {
   return w;
 }
 
+// Calls fn(k, offset, n) for the part [offset, offset + n) of slice k that elements
+// [begin, end) of a dense group's index space (cumulative counts `ends`) cover.
+template <typename Fn>
+void for_each_slice_part(const std::vector<int64_t>& ends, int64_t begin, int64_t end, Fn&& fn) {
+  size_t k = std::upper_bound(ends.begin(), ends.end(), begin) - ends.begin();
+  for (; k < ends.size() && begin < end; ++k) {
+    const int64_t start = k == 0 ? 0 : ends[k - 1];
+    const int64_t stop = std::min(end, ends[k]);
+    fn(k, begin - start, stop - begin);
+    begin = stop;
+  }
+}
+
+// Runs update(begin, end) over [begin, end), first unscaling (with unscale(b, e), which unscales
+// the grad elements that update(b, e) reads) kUnscaleChunk elements at a time when asked to.
+template <typename Unscale, typename UpdateFn>
+void unscale_then_update(bool unscaling, int64_t begin, int64_t end, Unscale&& unscale,
+                         UpdateFn&& update) {
+  if (!unscaling) return update(begin, end);
+  for (int64_t b = begin; b < end; b += kUnscaleChunk) {
+    const int64_t e = std::min(end, b + kUnscaleChunk);
+    unscale(b, e);
+    update(b, e);
+  }
+}
+
+// The address of element `offset` of a grad of this dtype (for complex: of its real view), for
+// unscaling in place.
+void* element(const void* base, int64_t offset, at::ScalarType dtype) {
+  const int64_t size = static_cast<int64_t>(c10::elementSize(c10::toRealValueType(dtype)));
+  return static_cast<char*>(const_cast<void*>(base)) + offset * size;
+}
+
 // The element index space of one dense group: the cumulative element counts of its params.
 std::vector<int64_t> element_ends(const DenseGroup& group) {
   std::vector<int64_t> ends;
@@ -161,6 +199,9 @@ void run_plan(Variant variant, const StepPlan& plan, at::TensorList all_params,
   const at::TensorList steps = all_steps.slice(plan.begin, plan.count);
   const StepOptions& o = plan.options;
   const KernelChoice& chosen = kernel();  // may throw for a bad override: still nothing changed
+  if (host_found_inf(plan.scaling)) return;  // GradScaler found an inf: the step changes nothing
+  const bool unscaling = plan.scaling.unscales();
+  const float grad_scale = unscaling ? plan.scaling.grad_scale->item<float>() : 1.0f;
   std::vector<SparseWork> sparse;
   for (const SparseParam& sp : plan.sparse) {
     if (sp.param.is_cpu()) sparse.push_back(sparse_work(variant, sp));
@@ -187,8 +228,15 @@ void run_plan(Variant variant, const StepPlan& plan, at::TensorList all_params,
       }
       const Update update{slices.data(), ends.data(), static_cast<int64_t>(slices.size()), dtype,
                           o.weight_decay, o.eps, o.maximize, o.eps_inside_sqrt};
-      at::parallel_for(0, ends.back(), kGrainSize,
-                       [&](int64_t begin, int64_t end) { chosen.fn(update, begin, end); });
+      const auto unscale = [&](int64_t b, int64_t e) {
+        for_each_slice_part(ends, b, e, [&](size_t k, int64_t offset, int64_t n) {
+          chosen.unscale_fn(dtype, element(slices[k].grad, offset, group.dtype), n, grad_scale);
+        });
+      };
+      at::parallel_for(0, ends.back(), kGrainSize, [&](int64_t begin, int64_t end) {
+        unscale_then_update(unscaling, begin, end, unscale,
+                            [&](int64_t b, int64_t e) { chosen.fn(update, b, e); });
+      });
     } else {
       std::vector<RowSlice> slices;
       for (const DenseParam& d : group.params) {
@@ -197,8 +245,22 @@ void run_plan(Variant variant, const StepPlan& plan, at::TensorList all_params,
       }
       const RowUpdate update{slices.data(), ends.data(), static_cast<int64_t>(slices.size()), dtype,
                              o.weight_decay, o.eps, o.maximize, o.eps_inside_sqrt};
-      at::parallel_for(0, ends.back(), kGrainSize,
-                       [&](int64_t begin, int64_t end) { chosen.rowwise_fn(update, begin, end); });
+      // The rows whose first element lies in [b, e): the rows rowwise_fn(update, b, e) updates.
+      const auto unscale = [&](int64_t b, int64_t e) {
+        for_each_slice_part(ends, b, e, [&](size_t k, int64_t offset, int64_t n) {
+          const int64_t len = slices[k].row_len, size = ends[k] - (k == 0 ? 0 : ends[k - 1]);
+          const int64_t first = (offset + len - 1) / len * len;
+          const int64_t last = std::min(size, (offset + n + len - 1) / len * len);
+          if (first < last) {
+            chosen.unscale_fn(dtype, element(slices[k].grad, first, group.dtype), last - first,
+                              grad_scale);
+          }
+        });
+      };
+      at::parallel_for(0, ends.back(), kGrainSize, [&](int64_t begin, int64_t end) {
+        unscale_then_update(unscaling, begin, end, unscale,
+                            [&](int64_t b, int64_t e) { chosen.rowwise_fn(update, b, e); });
+      });
     }
   }
 
@@ -214,6 +276,13 @@ void run_plan(Variant variant, const StepPlan& plan, at::TensorList all_params,
     w.update.eps_inside_sqrt = o.eps_inside_sqrt;
     const SparseRangeFn fn = variant == Variant::Elementwise ? chosen.sparse_fn : chosen.rowwise_sparse_fn;
     const int64_t grain = std::max<int64_t>(1, kGrainSize / std::max<int64_t>(1, sp.row_len));
+    if (unscaling) {  // the value rows, before any row sums them (they are few: nnz rows)
+      const Dtype dtype = kernel_dtype(sp.values.scalar_type());
+      at::parallel_for(0, sp.values.size(0), grain, [&](int64_t begin, int64_t end) {
+        chosen.unscale_fn(dtype, element(sp.values.const_data_ptr(), begin * sp.row_len, sp.values.scalar_type()),
+                          (end - begin) * sp.row_len, grad_scale);
+      });
+    }
     at::parallel_for(0, static_cast<int64_t>(w.rows.size()), grain,
                      [&](int64_t begin, int64_t end) { fn(w.update, begin, end); });
   }
@@ -223,6 +292,7 @@ namespace {
 
 void run_plans(Variant variant, const std::vector<StepPlan>& plans, at::TensorList params,
                at::TensorList steps) {
+  if (!plans.empty() && host_found_inf(plans.front().scaling)) return;  // nothing to write back
   for (const StepPlan& plan : plans) run_plan(variant, plan, params, steps);
   for (const StepPlan& plan : plans) plan.write_back();
 }
@@ -241,12 +311,14 @@ void step_groups_cpu(at::TensorList params, const OptionalTensorList& grads, at:
                      c10::ArrayRef<double> lr_decay, c10::ArrayRef<double> weight_decay,
                      c10::ArrayRef<double> eps, const c10::List<bool>& maximize,
                      const c10::List<bool>& eps_inside_sqrt, const OptionalTensorList& lr_tensor,
-                     bool rowwise) {
+                     bool rowwise, const std::optional<at::Tensor>& grad_scale,
+                     const std::optional<at::Tensor>& found_inf) {
   const Variant variant = rowwise ? Variant::RowWise : Variant::Elementwise;
   const std::vector<std::optional<at::Tensor>> g = grads.vec();
   const std::vector<GroupSpan> spans = group_spans(
       {group_sizes, lr, lr_decay, weight_decay, eps, maximize, eps_inside_sqrt, lr_tensor});
-  run_plans(variant, plan_groups(variant, params, g, sums, steps, spans, true), params, steps);
+  run_plans(variant, plan_groups(variant, params, g, sums, steps, spans, true, {grad_scale, found_inf}),
+            params, steps);
 }
 
 }  // namespace

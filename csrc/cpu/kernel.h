@@ -86,21 +86,29 @@ struct RowUpdate {
 
 using RowRangeFn = void (*)(const RowUpdate& update, int64_t begin, int64_t end);
 
+// torch.amp.GradScaler's unscaling: grad[i] = grad[i] / scale for n elements of `dtype` (complex:
+// its real view), in place, rounded to the dtype, as torch's fused Adagrad divides. The backend
+// unscales a few thousand elements at a time and then updates them, so they are still in cache.
+using UnscaleFn = void (*)(Dtype dtype, void* grad, int64_t n, float scale);
+
 // The same source (kernel_impl.h) compiled three times with different target flags.
 namespace base {
 void update_range(const Update&, int64_t, int64_t);
+void unscale(Dtype, void*, int64_t, float);
 void sparse_update_range(const SparseUpdate&, int64_t, int64_t);
 void rowwise_update_range(const RowUpdate&, int64_t, int64_t);
 void rowwise_sparse_update_range(const SparseUpdate&, int64_t, int64_t);
 }  // namespace base
 namespace avx2 {
 void update_range(const Update&, int64_t, int64_t);
+void unscale(Dtype, void*, int64_t, float);
 void sparse_update_range(const SparseUpdate&, int64_t, int64_t);
 void rowwise_update_range(const RowUpdate&, int64_t, int64_t);
 void rowwise_sparse_update_range(const SparseUpdate&, int64_t, int64_t);
 }  // namespace avx2
 namespace avx512 {
 void update_range(const Update&, int64_t, int64_t);
+void unscale(Dtype, void*, int64_t, float);
 void sparse_update_range(const SparseUpdate&, int64_t, int64_t);
 void rowwise_update_range(const RowUpdate&, int64_t, int64_t);
 void rowwise_sparse_update_range(const SparseUpdate&, int64_t, int64_t);

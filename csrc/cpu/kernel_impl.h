@@ -193,6 +193,7 @@ struct F16Lanes {
   static M load(const uint16_t* x) { return widen(load_halves(x)); }
   static void store(uint16_t* x, M v) { store_halves(x, narrow(v)); }
   static M round(M v) { return widen(narrow(v)); }
+  static M broadcast(float x) { return splat(x); }
 };
 #endif
 struct BF16 {
@@ -636,6 +637,55 @@ void update_range(const Update& u, int64_t begin, int64_t end) {
     case Dtype::BFloat16: return update_range_typed<BF16>(u, begin, end);
     case Dtype::ComplexFloat: return update_range_typed<C32>(u, begin, end);
     case Dtype::ComplexDouble: return update_range_typed<C64>(u, begin, end);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// torch.amp.GradScaler's unscaling (kernel.h, UnscaleFn). GradScaler's scales are powers of two:
+// then g * (1 / scale) is exact wherever g / scale is and rounds the same exact quotient, so it
+// is the same bits for a multiplication's price. Any other scale is divided by, as torch does.
+namespace {
+
+template <typename T, bool kMultiply, typename M>
+inline M unscaled(M g, M factor) {
+  return kMultiply ? g * factor : g / factor;
+}
+
+template <typename T, bool kMultiply>
+void unscale_run(typename T::S* __restrict g, int64_t n, float factor) {
+  using M = typename T::M;
+  int64_t i = 0;
+  if constexpr (VectorOf<T>::kExists) {
+    using V = typename VectorOf<T>::V;
+    const auto v_factor = V::broadcast(factor);
+    for (; i + V::kWidth <= n; i += V::kWidth) {
+      V::store(g + i, unscaled<V, kMultiply>(V::load(g + i), v_factor));
+    }
+  }
+  for (; i < n; ++i) g[i] = T::store(unscaled<T, kMultiply>(T::load(g[i]), static_cast<M>(factor)));
+}
+
+template <typename T>
+void unscale_typed(void* grad, int64_t n, float scale) {
+  auto* g = static_cast<typename T::S*>(grad);
+  const uint32_t bits = bits_of_float(scale);
+  const uint32_t exponent = (bits >> 23) & 0xffu;
+  // A power of two whose reciprocal is a normal float too.
+  if ((bits & 0x007fffffu) == 0 && exponent >= 1 && exponent <= 253) {
+    const float inverse = float_from_bits((bits & 0x80000000u) | ((254u - exponent) << 23));
+    return unscale_run<T, true>(g, n, inverse);
+  }
+  return unscale_run<T, false>(g, n, scale);
+}
+
+}  // namespace
+
+void unscale(Dtype dtype, void* grad, int64_t n, float scale) {
+  switch (dtype) {
+    case Dtype::Float: case Dtype::ComplexFloat: return unscale_typed<F32>(grad, n, scale);
+    case Dtype::Double: case Dtype::ComplexDouble: return unscale_typed<F64>(grad, n, scale);
+    case Dtype::Half: return unscale_typed<F16>(grad, n, scale);
+    case Dtype::BFloat16: return unscale_typed<BF16>(grad, n, scale);
   }
 }
 

@@ -26,6 +26,18 @@ namespace fused_adagrad {
 // The op's `Tensor?[] grads` argument: one entry per param, nullopt for a param without grad.
 using OptionalTensorList = c10::List<std::optional<at::Tensor>>;
 
+// Loss scaling for mixed precision, what torch.amp.GradScaler hands torch's fused optimizers
+// (both one-element float32 tensors, on the CPU or the params' device; each optional). The step
+// divides every grad by grad_scale in its own pass and writes the unscaled grad back (as torch's
+// fused=True leaves .grad); a nonzero found_inf makes the step change nothing: no param, sum,
+// step count or grad. A CUDA step reads both on the device, without synchronizing.
+struct GradScaling {
+  std::optional<at::Tensor> grad_scale;
+  std::optional<at::Tensor> found_inf;
+  bool unscales() const { return grad_scale.has_value() && grad_scale->defined(); }
+  bool may_skip() const { return found_inf.has_value() && found_inf->defined(); }
+};
+
 struct FUSED_ADAGRAD_API FusedAdagradOptions
     : public torch::optim::OptimizerCloneableOptions<FusedAdagradOptions> {
   FusedAdagradOptions(double lr = 1e-2);
@@ -76,6 +88,10 @@ class FUSED_ADAGRAD_API FusedAdagrad : public torch::optim::Optimizer {
   // and every state tensor as it was.
   torch::Tensor step(LossClosure closure = nullptr) override;
 
+  // A step under loss scaling (GradScaling): grads are unscaled in the same pass, and nothing
+  // changes when scaling.found_inf is nonzero. No closure: found_inf is computed from the grads.
+  void step(const GradScaling& scaling);
+
   // Checkpoints (torch::save(opt, ...), torch::load(opt, ...)) interchange with
   // torch::optim::Adagrad's: a job can switch between the two and resume.
   //
@@ -103,6 +119,7 @@ class FUSED_ADAGRAD_API FusedAdagrad : public torch::optim::Optimizer {
   // Creates state for params that have none (e.g. added with add_param_group), using their own
   // group's initial_accumulator_value.
   FusedAdagradParamState& state_for(const torch::Tensor& p, const FusedAdagradOptions& options);
+  torch::Tensor step_with(const LossClosure& closure, const GradScaling& scaling);
 };
 
 // Row-wise Adagrad (FBGEMM's EXACT_ROWWISE_ADAGRAD): one accumulator per row of dim 0, for
@@ -161,6 +178,9 @@ class FUSED_ADAGRAD_API RowWiseAdagrad : public torch::optim::Optimizer {
   // Validates every group before changing anything, as FusedAdagrad::step.
   torch::Tensor step(LossClosure closure = nullptr) override;
 
+  // A step under loss scaling, as FusedAdagrad::step(const GradScaling&).
+  void step(const GradScaling& scaling);
+
   // The same layout as FusedAdagrad's checkpoints, but the step stays a float32 tensor (which
   // torch::optim::Adagrad refuses to load: a row-wise sum is not its state), and the archive
   // names RowWiseAdagrad. load takes only archives so named: one of FusedAdagrad or
@@ -170,6 +190,7 @@ class FUSED_ADAGRAD_API RowWiseAdagrad : public torch::optim::Optimizer {
 
  private:
   RowWiseAdagradParamState& state_for(const torch::Tensor& p, const RowWiseAdagradOptions& options);
+  torch::Tensor step_with(const LossClosure& closure, const GradScaling& scaling);
 };
 
 // The ops, called through the dispatcher (CPU, CUDA when built with it, Meta). See csrc/ops.cpp
@@ -204,12 +225,15 @@ FUSED_ADAGRAD_API void rowwise_adagrad_step_(at::TensorList params, const Option
 // params, with its own entry of each option list (lr_tensor[g] None: lr[g] is used). Every
 // tensor of every group is checked, across groups too, before anything changes; errors name the
 // group ("param group 1, param 0: ..."). `rowwise`: row-wise Adagrad, as rowwise_adagrad_step_.
+// `grad_scale`, `found_inf`: loss scaling, as in GradScaling.
 FUSED_ADAGRAD_API void adagrad_step_groups_(
     at::TensorList params, const OptionalTensorList& grads, at::TensorList sums,
     at::TensorList steps, c10::IntArrayRef group_sizes, c10::ArrayRef<double> lr,
     c10::ArrayRef<double> lr_decay, c10::ArrayRef<double> weight_decay, c10::ArrayRef<double> eps,
     const c10::List<bool>& maximize, const c10::List<bool>& eps_inside_sqrt,
-    const OptionalTensorList& lr_tensor, bool rowwise);
+    const OptionalTensorList& lr_tensor, bool rowwise,
+    const std::optional<at::Tensor>& grad_scale = std::nullopt,
+    const std::optional<at::Tensor>& found_inf = std::nullopt);
 
 // How the CUDA backend splits element-wise work into launches (all zero without CUDA), so that
 // tests can assert which splits they cover. Each block updates one chunk; a launch's argument

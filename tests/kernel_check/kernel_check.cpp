@@ -12,8 +12,10 @@
 //       every option combination, slices of odd sizes and ranges that split them, three steps,
 //       against a scalar reference of the arithmetic documented above update_element in
 //       kernel_impl.h, bitwise;
-//   (d) sparse_update_range and rowwise_update_range on tiny cases against plain scalar loops.
-// (c) and (d) run on every kernel this binary has and this CPU runs: base (kernel_base.cpp, as
+//   (d) sparse_update_range and rowwise_update_range on tiny cases against plain scalar loops;
+//   (e) unscale (GradScaler's grad / scale) for every dtype, power-of-two scales and others,
+//       against the division rounded to the dtype, bitwise.
+// (c) to (e) run on every kernel this binary has and this CPU runs: base (kernel_base.cpp, as
 // built), avx2 and avx512 on x86-64, and the copy of kernel_impl.h compiled into this file.
 //
 // Build (see .ci/aarch64.sh):
@@ -344,6 +346,7 @@ struct Kernel {
   UpdateRangeFn update;
   SparseRangeFn sparse;
   RowRangeFn rowwise;
+  UnscaleFn unscale;
   bool fma;
 };
 
@@ -355,9 +358,9 @@ std::vector<Kernel> kernels() {
   constexpr bool kBaseFma = false;
 #endif
   k.push_back({"base", base::update_range, base::sparse_update_range, base::rowwise_update_range,
-               kBaseFma});
+               base::unscale, kBaseFma});
   k.push_back({"kernel_impl.h compiled here", check::update_range, check::sparse_update_range,
-               check::rowwise_update_range, KERNEL_HAS_FMA != 0});
+               check::rowwise_update_range, check::unscale, KERNEL_HAS_FMA != 0});
 #if defined(__x86_64__)
   __builtin_cpu_init();
   const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
@@ -367,13 +370,13 @@ std::vector<Kernel> kernels() {
                           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
   if (has_avx2) {
     k.push_back({"avx2", avx2::update_range, avx2::sparse_update_range,
-                 avx2::rowwise_update_range, true});
+                 avx2::rowwise_update_range, avx2::unscale, true});
   } else {
     std::printf("skip  avx2 kernel: this CPU lacks AVX2/FMA/F16C\n");
   }
   if (has_avx512) {
     k.push_back({"avx512", avx512::update_range, avx512::sparse_update_range,
-                 avx512::rowwise_update_range, true});
+                 avx512::rowwise_update_range, avx512::unscale, true});
   } else {
     std::printf("skip  avx512 kernel: this CPU lacks AVX-512 F/BW/VL/DQ\n");
   }
@@ -612,6 +615,37 @@ void check_rowwise(const Kernel& kernel, int* cases) {
   }
 }
 
+// ---- (e) unscaling ---------------------------------------------------------------------------
+// grad = round(grad / scale) in the math type, for scales that the kernel multiplies by the
+// reciprocal of (powers of two with a normal reciprocal) and those it divides by (any other,
+// 2^127 and 2^-149 among them), over grads from subnormal to overflow, zeros, infs and NaNs.
+template <typename R>
+void check_unscale(const Kernel& kernel, int* cases) {
+  using S = typename R::S;
+  using M = typename R::M;
+  const float scales[] = {65536.0f, 0.5f, 0x1p-126f, 0x1p126f, 3.0f, 1e-3f, 0x1p127f, 0x1p-149f,
+                          -8.0f};
+  for (const int64_t n : {1, 7, 17, 64, 129}) {
+    for (const float scale : scales) {
+      Random rng{0xa3u + static_cast<uint64_t>(n)};
+      std::vector<S> g(n);
+      for (int64_t i = 0; i < n; ++i) g[i] = R::store(static_cast<M>(rng.spread(-30, 30)));
+      if (n > 3) {
+        g[1] = R::store(std::numeric_limits<M>::infinity());
+        g[2] = R::store(std::numeric_limits<M>::quiet_NaN());
+      }
+      std::vector<S> want(g);
+      for (S& x : want) x = R::store(R::load(x) / static_cast<M>(scale));
+      kernel.unscale(R::kDtype, g.data(), n, scale);
+      char context[128];
+      std::snprintf(context, sizeof context, "%s, %s, n=%lld, scale %a", kernel.name, R::kName,
+                    static_cast<long long>(n), scale);
+      same("grad", g, want, context);
+      ++*cases;
+    }
+  }
+}
+
 template <typename Fn>
 void for_each_dtype(Fn fn) {
   fn(RefF32{});
@@ -669,6 +703,8 @@ int main(int argc, char** argv) {
     std::snprintf(name, sizeof name, "(d) rowwise_update_range, %s kernel, 4 dtypes x 8 option sets",
                   kernel.name);
     section(name, [&] { for_each_dtype([&](auto r) { check_rowwise<decltype(r)>(kernel, &cases); }); });
+    std::snprintf(name, sizeof name, "(e) unscale, %s kernel, 4 dtypes x 9 scales", kernel.name);
+    section(name, [&] { for_each_dtype([&](auto r) { check_unscale<decltype(r)>(kernel, &cases); }); });
   }
 
   if (g_failures > 0) {
