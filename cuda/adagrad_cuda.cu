@@ -23,6 +23,7 @@ struct Hyper {
   bool maximize;
   bool eps_inside_sqrt;
   bool fma_weight_decay;  // false for the real views of complex params
+  AmpScale amp;
 };
 
 // The 4 KB table fits every GPU; the 32 KB one moves ~8x more work per launch.
@@ -40,6 +41,7 @@ struct Coeffs {
   bool fma_weight_decay;
   bool maximize;
   bool eps_inside_sqrt;
+  AmpScale amp;
 };
 
 // The element update in csrc/cpu/kernel_impl.h's order (with torch's CUDA rounding of the weight
@@ -47,10 +49,12 @@ struct Coeffs {
 // (FMA; a rounded product then a sum for complex params; skipped entirely at wd == 0, as torch
 // skips it); sum += g * g (FMA); std = sqrt(sum) + eps, or sqrt(sum + eps);
 // p = p + (neg_clr * g) / std. For half and bfloat16 the intermediates are rounded where torch
-// stores them; the arithmetic between the roundings is float.
+// stores them; the arithmetic between the roundings is float. With a grad_scale, the grad is
+// unscaled first and written back.
 template <typename S, typename M>
-__device__ __forceinline__ void update(S& param, const S grad, S& sum, const Coeffs<M>& c) {
-  M g = static_cast<M>(grad);
+__device__ __forceinline__ void update(S& param, S& grad, S& sum, const Coeffs<M>& c) {
+  M g = unscaled<S>(static_cast<M>(grad), c.amp);
+  if (c.amp.grad_scale != nullptr) grad = static_cast<S>(g);
   if (c.maximize) g = -g;
   const M p = static_cast<M>(param);
   if (c.weight_decay_on) {
@@ -73,11 +77,11 @@ struct alignas(sizeof(S) * W) Pack {
 // three arrays (3 * U independent requests in flight), then computes and stores them. Pack i
 // goes to thread i % kBlockThreads, so a warp reads consecutive addresses.
 template <int W, int U, typename S, typename M>
-__device__ __forceinline__ void update_packs(S* param, const S* grad, S* sum, int count,
+__device__ __forceinline__ void update_packs(S* param, S* grad, S* sum, int count,
                                              const Coeffs<M>& c) {
   using P = Pack<S, W>;
   P* p = reinterpret_cast<P*>(param);
-  const P* g = reinterpret_cast<const P*>(grad);
+  P* g = reinterpret_cast<P*>(grad);
   P* s = reinterpret_cast<P*>(sum);
   for (int base = threadIdx.x; base < count; base += kBlockThreads * U) {
     P rp[U], rg[U], rs[U];
@@ -98,6 +102,7 @@ __device__ __forceinline__ void update_packs(S* param, const S* grad, S* sum, in
         for (int e = 0; e < W; ++e) update(rp[u].v[e], rg[u].v[e], rs[u].v[e], c);
         p[i] = rp[u];
         s[i] = rs[u];
+        if (c.amp.grad_scale != nullptr) g[i] = rg[u];
       }
     }
   }
@@ -114,11 +119,12 @@ __device__ __forceinline__ bool aligned16(const void* ptr) {
 template <typename S, typename Table>
 __global__ void __launch_bounds__(kBlockThreads) adagrad_kernel(const Table table, const Hyper h) {
   using M = typename MathTypeOf<S>::type;
+  if (step_skipped(h.amp)) return;
   const int t = table.tensor[blockIdx.x];
   const int64_t start = static_cast<int64_t>(table.chunk[blockIdx.x]) * kChunkSize;
   const int n = static_cast<int>(min(kChunkSize, table.numel[t] - start));
   S* param = static_cast<S*>(table.ptr[0][t]) + start;
-  const S* grad = static_cast<const S*>(table.ptr[1][t]) + start;
+  S* grad = static_cast<S*>(table.ptr[1][t]) + start;
   S* sum = static_cast<S*>(table.ptr[2][t]) + start;
 
   const StepRef step = table.extra[t];
@@ -134,6 +140,7 @@ __global__ void __launch_bounds__(kBlockThreads) adagrad_kernel(const Table tabl
   c.fma_weight_decay = h.fma_weight_decay;
   c.maximize = h.maximize;
   c.eps_inside_sqrt = h.eps_inside_sqrt;
+  c.amp = h.amp;
 
   // A chunk starts a multiple of 16 bytes after its tensor's start, so it is aligned exactly
   // when the tensors are. 128-bit accesses for the aligned bulk, element accesses otherwise
@@ -193,7 +200,7 @@ template <typename S>
 struct SparseArgs {
   S* param;
   S* sum;
-  const S* values;
+  S* values;  // unscaled in place with a grad_scale
   const int64_t* sorted;
   const int64_t* perm;
   int64_t nnz;
@@ -215,7 +222,7 @@ __global__ void __launch_bounds__(kSparseThreads) sparse_adagrad_kernel(const Sp
                                                                         const Hyper h) {
   using M = typename MathTypeOf<S>::type;
   const int64_t j = static_cast<int64_t>(blockIdx.x) * kSparseWarps + threadIdx.x / 32;
-  if (j >= a.nnz) return;
+  if (j >= a.nnz || step_skipped(h.amp)) return;
   const int64_t row = a.sorted[j];
   if (j > 0 && a.sorted[j - 1] == row) return;
   int64_t last = j + 1;
@@ -225,11 +232,16 @@ __global__ void __launch_bounds__(kSparseThreads) sparse_adagrad_kernel(const Sp
   const M eps = round_to<S>(static_cast<M>(h.eps));
   S* p = a.param + row * a.row_len;
   S* s = a.sum + row * a.row_len;
+  // This warp alone reads the value rows j .. last - 1, so it alone writes them back unscaled.
+  const auto value = [&](int64_t k, int64_t e) {
+    S& v = a.values[a.perm[k] * a.row_len + e];
+    const M u = unscaled<S>(static_cast<M>(v), h.amp);
+    if (h.amp.grad_scale != nullptr) v = static_cast<S>(u);
+    return u;
+  };
   for (int64_t e = threadIdx.x % 32; e < a.row_len; e += 32) {
-    M g = static_cast<M>(a.values[a.perm[j] * a.row_len + e]);
-    for (int64_t k = j + 1; k < last; ++k) {
-      g = round_to<S>(add_rn(g, static_cast<M>(a.values[a.perm[k] * a.row_len + e])));
-    }
+    M g = value(j, e);
+    for (int64_t k = j + 1; k < last; ++k) g = round_to<S>(add_rn(g, value(k, e)));
     if (h.maximize) g = -g;
     const M sv = round_to<S>(add_rn(static_cast<M>(s[e]), round_to<S>(mul_rn(g, g))));
     const M denom = h.eps_inside_sqrt ? round_to<S>(sqrt_rn(round_to<S>(add_rn(sv, eps))))
@@ -250,7 +262,7 @@ template <typename S>
 void launch_sparse(const SparseParam& sp, const SortedRows& rows, const StepRef& step,
                    const Hyper& hyper, cudaStream_t stream) {
   const SparseArgs<S> args{static_cast<S*>(sp.param.data_ptr()), static_cast<S*>(sp.sum.data_ptr()),
-                           static_cast<const S*>(sp.values.const_data_ptr()),
+                           static_cast<S*>(sp.values.data_ptr()),
                            rows.sorted.const_data_ptr<int64_t>(), rows.perm.const_data_ptr<int64_t>(),
                            sp.values.size(0), sp.row_len, step};
   const int64_t blocks = (args.nnz + kSparseWarps - 1) / kSparseWarps;
@@ -266,12 +278,13 @@ void launch_group(const DeviceStep& d) {
     if (group.device != d.device.device) continue;
     for (const DenseParam& w : group.params) {
       entries[dtype_slot(group.dtype)].push_back(
-          Entry{{w.param.data_ptr(), const_cast<void*>(w.grad.const_data_ptr()), w.sum.data_ptr()},
+          Entry{{w.param.data_ptr(), w.grad.data_ptr(), w.sum.data_ptr()},
                 w.param.numel(),
                 step_ref(d.step_of[w.index])});
     }
   }
-  Hyper hyper{d.device.lr, o.lr_decay, o.weight_decay, o.eps, o.maximize, o.eps_inside_sqrt, true};
+  Hyper hyper{d.device.lr, o.lr_decay, o.weight_decay, o.eps, o.maximize, o.eps_inside_sqrt, true,
+              d.device.amp};
   launch_update<float>(entries[kSlotF32], hyper, d.stream);
   launch_update<double>(entries[kSlotF64], hyper, d.stream);
   launch_update<c10::Half>(entries[kSlotF16], hyper, d.stream);
@@ -311,12 +324,13 @@ void step_groups_cuda(at::TensorList params, const OptionalTensorList& grads, at
                       c10::ArrayRef<double> lr_decay, c10::ArrayRef<double> weight_decay,
                       c10::ArrayRef<double> eps, const c10::List<bool>& maximize,
                       const c10::List<bool>& eps_inside_sqrt, const OptionalTensorList& lr_tensor,
-                      bool rowwise) {
+                      bool rowwise, const std::optional<at::Tensor>& grad_scale,
+                      const std::optional<at::Tensor>& found_inf) {
   const Variant variant = rowwise ? Variant::RowWise : Variant::Elementwise;
   const std::vector<GroupSpan> spans = group_spans(
       {group_sizes, lr, lr_decay, weight_decay, eps, maximize, eps_inside_sqrt, lr_tensor});
   const std::vector<StepPlan> plans =
-      plan_groups(variant, params, grads.vec(), sums, steps, spans, true);
+      plan_groups(variant, params, grads.vec(), sums, steps, spans, true, {grad_scale, found_inf});
   if (rowwise) {
     run_rowwise_plans(plans, params, steps);
   } else {

@@ -23,6 +23,7 @@ struct RowHyper {
   double eps;
   bool maximize;
   bool eps_inside_sqrt;
+  AmpScale amp;
 };
 
 // One param's launch. Dense grads: `grad` holds rows of row_len, and rows [0, rows) are updated.
@@ -31,7 +32,7 @@ struct RowHyper {
 template <typename S, typename M>
 struct RowArgs {
   S* param;
-  const S* grad;
+  S* grad;  // unscaled in place with a grad_scale
   M* sum;
   const int64_t* sorted;
   const int64_t* perm;
@@ -53,8 +54,10 @@ __device__ __forceinline__ M row_grad(M g, const S* p, int64_t e, const RowHyper
   return g;
 }
 
-// Updates one row from its grad, `grad_at(e)` (the math-type grad of element e, duplicates
-// already summed). Every thread of the lane group calls it for the same row.
+// Updates one row from its grad, `grad_at(e, first)` (the math-type grad of element e,
+// duplicates already summed; `first` on the first of its two reads, which unscales and writes
+// the unscaled grad back: each element is read by the same thread both times). Every thread of
+// the lane group calls it for the same row.
 template <typename S, typename M, typename GradAt>
 __device__ __forceinline__ void update_row(S* p, M* m, int64_t n, M neg_clr, const RowHyper& h,
                                            GradAt grad_at) {
@@ -63,7 +66,7 @@ __device__ __forceinline__ void update_row(S* p, M* m, int64_t n, M neg_clr, con
   const M wd = static_cast<M>(h.weight_decay), eps = static_cast<M>(h.eps);
   M acc = 0;
   for (int64_t e = lane; e < n; e += kRowLanes) {
-    const M g = row_grad(grad_at(e), p, e, h, wd);
+    const M g = row_grad(grad_at(e, true), p, e, h, wd);
     acc = add_rn(acc, mul_rn(g, g));
   }
   // ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)), as the CPU combines its lanes.
@@ -79,9 +82,18 @@ __device__ __forceinline__ void update_row(S* p, M* m, int64_t n, M neg_clr, con
   const M denom = h.eps_inside_sqrt ? sqrt_rn(add_rn(total, eps)) : add_rn(sqrt_rn(total), eps);
   const M scale = div_rn(neg_clr, denom);
   for (int64_t e = lane; e < n; e += kRowLanes) {
-    const M g = row_grad(grad_at(e), p, e, h, wd);
+    const M g = row_grad(grad_at(e, false), p, e, h, wd);
     p[e] = static_cast<S>(add_rn(static_cast<M>(p[e]), mul_rn(scale, g)));
   }
+}
+
+// Element e of a grad row: unscaled and written back on the first read, as read later.
+template <typename S, typename M>
+__device__ __forceinline__ M grad_element(S* g, int64_t e, bool first, const AmpScale& amp) {
+  if (!first || amp.grad_scale == nullptr) return static_cast<M>(g[e]);
+  const M u = unscaled<S>(static_cast<M>(g[e]), amp);
+  g[e] = static_cast<S>(u);
+  return u;
 }
 
 template <typename S, typename M>
@@ -92,13 +104,14 @@ __device__ __forceinline__ M row_neg_clr(const RowArgs<S, M>& a, const RowHyper&
 template <typename S, typename M>
 __global__ void __launch_bounds__(kRowThreads) rowwise_dense_kernel(const RowArgs<S, M> a,
                                                                     const RowHyper h) {
+  if (step_skipped(h.amp)) return;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kRowsPerBlock;
   const M neg_clr = row_neg_clr(a, h);
   for (int64_t r = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kRowLanes;
        r < a.rows; r += stride) {
-    const S* g = a.grad + r * a.row_len;
+    S* g = a.grad + r * a.row_len;
     update_row(a.param + r * a.row_len, a.sum + r, a.row_len, neg_clr, h,
-               [&](int64_t e) { return static_cast<M>(g[e]); });
+               [&](int64_t e, bool first) { return grad_element<S, M>(g, e, first, h.amp); });
   }
 }
 
@@ -108,15 +121,17 @@ template <typename S, typename M>
 __global__ void __launch_bounds__(kRowThreads) rowwise_sparse_kernel(const RowArgs<S, M> a,
                                                                      const RowHyper h) {
   const int64_t j = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kRowLanes;
-  if (j >= a.rows) return;
+  if (j >= a.rows || step_skipped(h.amp)) return;
   const int64_t row = a.sorted[j];
   if (j > 0 && a.sorted[j - 1] == row) return;
   int64_t last = j + 1;
   while (last < a.rows && a.sorted[last] == row) ++last;
   const int64_t n = a.row_len;
-  update_row(a.param + row * n, a.sum + row, n, row_neg_clr(a, h), h, [&](int64_t e) {
-    M g = static_cast<M>(a.grad[a.perm[j] * n + e]);
-    for (int64_t k = j + 1; k < last; ++k) g = add_rn(g, static_cast<M>(a.grad[a.perm[k] * n + e]));
+  update_row(a.param + row * n, a.sum + row, n, row_neg_clr(a, h), h, [&](int64_t e, bool first) {
+    M g = grad_element<S, M>(a.grad + a.perm[j] * n, e, first, h.amp);
+    for (int64_t k = j + 1; k < last; ++k) {
+      g = add_rn(g, grad_element<S, M>(a.grad + a.perm[k] * n, e, first, h.amp));
+    }
     return g;
   });
 }
@@ -127,7 +142,7 @@ void launch_rowwise(at::Tensor param, const at::Tensor& grad, at::Tensor sum, in
                     cudaStream_t stream) {
   using M = typename MathTypeOf<S>::type;
   const int64_t rows = sorted != nullptr ? grad.size(0) : param.numel() / row_len;
-  const RowArgs<S, M> args{static_cast<S*>(param.data_ptr()), static_cast<const S*>(grad.const_data_ptr()),
+  const RowArgs<S, M> args{static_cast<S*>(param.data_ptr()), static_cast<S*>(grad.data_ptr()),
                            static_cast<M*>(sum.data_ptr()),
                            sorted != nullptr ? sorted->sorted.const_data_ptr<int64_t>() : nullptr,
                            sorted != nullptr ? sorted->perm.const_data_ptr<int64_t>() : nullptr,
@@ -158,7 +173,8 @@ void launch_rowwise_any(at::ScalarType dtype, const at::Tensor& param, const at:
 // The row-wise launches of one group on one device.
 void launch_group(const DeviceStep& d) {
   const StepOptions& o = d.plan.options;
-  const RowHyper h{d.device.lr, o.lr_decay, o.weight_decay, o.eps, o.maximize, o.eps_inside_sqrt};
+  const RowHyper h{d.device.lr, o.lr_decay, o.weight_decay, o.eps, o.maximize, o.eps_inside_sqrt,
+                   d.device.amp};
   for (const DenseGroup& group : d.plan.dense) {
     if (group.device != d.device.device) continue;
     for (const DenseParam& w : group.params) {

@@ -40,10 +40,19 @@ struct LearningRate {
   bool host_is_float;
 };
 
+// torch.amp.GradScaler's tensors (GradScaling) on the launching device, read by the kernels:
+// a nonzero found_inf makes every kernel of the step return at once; grads are divided by
+// grad_scale and written back. Null: not given.
+struct AmpScale {
+  const float* grad_scale;
+  const float* found_inf;
+};
+
 template <int N>
 struct StepList {
   float* step[N];
   int count;
+  const float* found_inf;  // nonzero: no step is counted
 };
 using SmallStepList = StepList<500>;
 using LargeStepList = StepList<4000>;
@@ -98,6 +107,17 @@ __device__ __forceinline__ double div_rn(double a, double b) { return __ddiv_rn(
 __device__ __forceinline__ float sqrt_rn(float x) { return __fsqrt_rn(x); }
 __device__ __forceinline__ double sqrt_rn(double x) { return __dsqrt_rn(x); }
 
+__device__ __forceinline__ bool step_skipped(const AmpScale& amp) {
+  return amp.found_inf != nullptr && *amp.found_inf != 0.0f;
+}
+
+// The unscaled grad g / grad_scale, rounded to the storage type S (which it is written back
+// as, and which the CPU kernels then read); g itself without a grad_scale.
+template <typename S, typename M>
+__device__ __forceinline__ M unscaled(M g, const AmpScale& amp) {
+  return amp.grad_scale == nullptr ? g : round_to<S>(div_rn(g, static_cast<M>(*amp.grad_scale)));
+}
+
 __device__ __forceinline__ double step_value(const StepRef& step) {
   return step.device != nullptr ? static_cast<double>(*step.device) : step.host;
 }
@@ -105,7 +125,9 @@ __device__ __forceinline__ double step_value(const StepRef& step) {
 template <int N>
 __global__ void increment_steps_kernel(const StepList<N> list) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i < list.count) *list.step[i] += 1.0f;
+  if (i < list.count && (list.found_inf == nullptr || *list.found_inf == 0.0f)) {
+    *list.step[i] += 1.0f;
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -139,10 +161,12 @@ bool large_kernel_args(cudaStream_t stream) {
 #endif
 
 template <typename List>
-void launch_increments(const std::vector<float*>& steps, cudaStream_t stream) {
+void launch_increments(const std::vector<float*>& steps, const float* found_inf,
+                       cudaStream_t stream) {
   constexpr int kMax = static_cast<int>(sizeof(List::step) / sizeof(float*));
   constexpr int kThreads = 256;
   List list;
+  list.found_inf = found_inf;
   for (size_t begin = 0; begin < steps.size(); begin += kMax) {
     list.count = static_cast<int>(std::min<size_t>(kMax, steps.size() - begin));
     std::copy_n(steps.begin() + begin, list.count, list.step);
@@ -151,12 +175,13 @@ void launch_increments(const std::vector<float*>& steps, cudaStream_t stream) {
   }
 }
 
-void increment_device_steps(const std::vector<float*>& steps, cudaStream_t stream) {
+void increment_device_steps(const std::vector<float*>& steps, const float* found_inf,
+                            cudaStream_t stream) {
   if (steps.empty()) return;
 #if FUSED_ADAGRAD_LARGE_KERNEL_ARGS
-  if (large_kernel_args(stream)) return launch_increments<LargeStepList>(steps, stream);
+  if (large_kernel_args(stream)) return launch_increments<LargeStepList>(steps, found_inf, stream);
 #endif
-  launch_increments<SmallStepList>(steps, stream);
+  launch_increments<SmallStepList>(steps, found_inf, stream);
 }
 
 // The step count of one param the kernels read: a float32 on the device (the user's step, or a
@@ -172,7 +197,21 @@ struct DeviceWork {
   at::Device device;
   at::Tensor lr_on_device;  // keeps a moved or converted lr tensor alive until the launch
   LearningRate lr{};
+  at::Tensor grad_scale_on_device, found_inf_on_device;  // the same for the scaling tensors
+  AmpScale amp{};
 };
+
+// The scaling tensors on `device` (stream-ordered copies of those on another device; under
+// capture the plan has made sure they are already on the device).
+void set_scaling(DeviceWork& dw, const GradScaling& scaling) {
+  const auto on_device = [&](const std::optional<at::Tensor>& t, at::Tensor& keep) -> const float* {
+    if (!t.has_value() || !t->defined()) return nullptr;
+    keep = t->device() == dw.device ? *t : t->to(dw.device);
+    return keep.const_data_ptr<float>();
+  };
+  dw.amp.grad_scale = on_device(scaling.grad_scale, dw.grad_scale_on_device);
+  dw.amp.found_inf = on_device(scaling.found_inf, dw.found_inf_on_device);
+}
 
 // Where the kernels on `device` read the learning rate. A device lr tensor is read by the kernel
 // (moved to `device`, or widened to float64, by stream-ordered copies); a host one is read here.
@@ -247,6 +286,7 @@ GroupWork prepare_group(const StepPlan& plan, at::TensorList params, at::TensorL
                      [&](const DeviceWork& d) { return d.device == p.device(); })) {
       w.devices.push_back(DeviceWork{p.device()});
       set_learning_rate(w.devices.back(), plan.options.lr, plan.options.lr_tensor);
+      set_scaling(w.devices.back(), plan.scaling);
     }
     const at::Tensor& st = steps[i];
     if (st.is_cuda()) {
@@ -267,7 +307,8 @@ GroupWork prepare_group(const StepPlan& plan, at::TensorList params, at::TensorL
 // Runs the planned groups of one op call: first, for every group, what can still fail
 // (prepare_group); then per group its CPU params (a group mixing CPU and CUDA params) by the CPU
 // backend and, per device, the step increments and `launch(const DeviceStep&)` on its current
-// stream. No device value is read on the host.
+// stream. No device value is read on the host, but for found_inf when a CUDA param keeps its step
+// on the host (the host must then know whether to count it: one synchronization).
 template <typename Launch>
 void run_plans(Variant variant, const std::vector<StepPlan>& plans, at::TensorList all_params,
                at::TensorList all_steps, Launch launch) {
@@ -283,6 +324,7 @@ void run_plans(Variant variant, const std::vector<StepPlan>& plans, at::TensorLi
     const at::TensorList params = all_params.slice(plan.begin, plan.count);
     const at::TensorList steps = all_steps.slice(plan.begin, plan.count);
     cpu::run_plan(variant, plan, all_params, all_steps);
+    std::optional<bool> skipped_on_host;  // found_inf as the host read it, when it had to
     for (const DeviceWork& dw : w.devices) {
       c10::cuda::CUDAGuard guard(dw.device);
       const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dw.device.index()).stream();
@@ -292,11 +334,15 @@ void run_plans(Variant variant, const std::vector<StepPlan>& plans, at::TensorLi
         ParamStep& s = w.step_of[i];
         if (s.device.defined()) {
           device_steps.push_back(s.device.data_ptr<float>());
+        } else if (plan.scaling.may_skip() &&
+                   (skipped_on_host ? *skipped_on_host
+                                    : *(skipped_on_host = host_found_inf(plan.scaling)))) {
+          s.host = steps[i].item<double>();  // not counted; the kernels return at once anyway
         } else {
           s.host = increment_host_step(steps[i]);  // a CPU tensor: no device read
         }
       }
-      increment_device_steps(device_steps, stream);
+      increment_device_steps(device_steps, dw.amp.found_inf, stream);
       launch(DeviceStep{plan, dw, stream, w.step_of, w.sorted_rows});
     }
   }
