@@ -1,5 +1,6 @@
 """fused_adagrad.FusedAdagrad: a drop-in for torch.optim.Adagrad backed by one fused op call per
 step for all param groups, and the base it shares with RowWiseAdagrad (rowwise.py)."""
+import re
 import sys
 import weakref
 from typing import Optional, Union
@@ -11,6 +12,16 @@ from torch.optim import Optimizer
 _step_groups = torch.ops.fused_adagrad.adagrad_step_groups_
 _step = torch.ops.fused_adagrad.adagrad_step_
 _rowwise_step = torch.ops.fused_adagrad.rowwise_adagrad_step_
+
+
+def _with_user_indices(message: str, kept) -> str:
+    """An op error names "param group g, param i" by its position in the op's lists; kept[g]
+    maps that back to the param's index in the user's group (None: all of the group passed)."""
+    def rename(m):
+        g, i = int(m.group(1)), int(m.group(2))
+        index = kept[g][i] if g < len(kept) and kept[g] is not None and i < len(kept[g]) else i
+        return f"param group {g}, param {index}"
+    return re.sub(r"param group (\d+), param (\d+)", rename, message)
 
 
 def _dtensor_type():
@@ -39,6 +50,9 @@ class _FusedAdagradBase(Optimizer):
     which Adagrad it is and makes its `sum` state."""
 
     _rowwise = False  # which Adagrad the op runs: element-wise or row-wise
+    # torch.amp.GradScaler then skips its own unscaling pass: it sets `grad_scale` and
+    # `found_inf` on the optimizer around step(), which hands them to the op.
+    _step_supports_amp_scaling = True
 
     def __init__(
         self,
@@ -191,19 +205,34 @@ class _FusedAdagradBase(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         if self._step_in_backward:
+            if getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None:
+                raise RuntimeError(
+                    f"{type(self).__name__}: step_in_backward=True cannot be used with "
+                    "torch.amp.GradScaler: the params stepped during backward, on grads the scaler "
+                    "had not yet checked or unscaled. Step in step() (step_in_backward=False), or "
+                    "use bfloat16 autocast, which needs no scaler")
             return loss  # the params stepped during backward
 
         # One op call for every group: it validates them all before it changes any, so a failed
         # step changes nothing. Per param the least work (list comprehensions); state is made
-        # here only for a param whose state was emptied (add_param_group made it).
+        # here only for a param whose state was emptied (add_param_group made it). Only params
+        # with a grad are passed, as torch's optimizers do: the op's grads are mutable (a
+        # grad_scale makes it write them), and torch.compile's functionalization cannot take
+        # None in a mutable list.
         params, grads, sums, steps = [], [], [], []
-        sizes, lr, lr_tensor = [], [], []
+        sizes, lr, lr_tensor, kept = [], [], [], []
         for group in self.param_groups:
             ps = group["params"]
+            group_grads = [p.grad for p in ps]
+            if None in group_grads:
+                kept.append([i for i, g in enumerate(group_grads) if g is not None])
+                ps = [ps[i] for i in kept[-1]]
+                group_grads = [group_grads[i] for i in kept[-1]]
+            else:
+                kept.append(None)
             states = [self.state[p] for p in ps]
             if not all(states):
                 states = [s or self._init_state(p, group) for p, s in zip(ps, states)]
-            group_grads = [p.grad for p in ps]
             group_sums = [s["sum"] for s in states]
             if _dtensor_type() is not None and any(isinstance(p, _dtensor_type()) for p in ps):
                 ps, group_grads, group_sums = _local_shards(ps, group_grads, group_sums)
@@ -216,6 +245,8 @@ class _FusedAdagradBase(Optimizer):
             is_tensor = isinstance(group_lr, Tensor)
             lr.append(0.0 if is_tensor else group_lr)
             lr_tensor.append(group_lr if is_tensor else None)
+        if not params:
+            return loss  # no grads: nothing steps (and the op would have no device to run on)
         groups = self.param_groups
         try:
             _step_groups(
@@ -229,9 +260,11 @@ class _FusedAdagradBase(Optimizer):
                 eps_inside_sqrt=[g["eps_inside_sqrt"] for g in groups],
                 lr_tensor=lr_tensor,
                 rowwise=self._rowwise,
+                grad_scale=getattr(self, "grad_scale", None),
+                found_inf=getattr(self, "found_inf", None),
             )
         except RuntimeError as e:
-            raise RuntimeError(f"{type(self).__name__}: {e}") from None
+            raise RuntimeError(f"{type(self).__name__}: {_with_user_indices(str(e), kept)}") from None
         return loss
 
 
@@ -256,6 +289,12 @@ class FusedAdagrad(_FusedAdagradBase):
       then only runs the closure. Same numbers as the plain step; each backward is one step (no
       grad accumulation over several backwards), and a failing param raises from backward.
     * ``share_memory()`` as torch.optim.Adagrad's.
+    * Under ``torch.amp.GradScaler`` the step unscales the grads itself, in its own pass (as
+      torch's ``fused=True`` does, and with the same numbers): ``scaler.step(opt)`` runs no
+      separate unscaling pass. A step the scaler finds infs for changes nothing (no param, sum,
+      step count or grad); any other step leaves the unscaled grads in ``.grad``, as
+      ``fused=True`` does. (``step_in_backward=True`` cannot be combined with a GradScaler: its
+      steps run during backward, before the scaler has looked at the grads.)
 
     ``foreach`` and ``fused`` are accepted and stored for compatibility; they change nothing.
     ``differentiable=True`` is not supported.
