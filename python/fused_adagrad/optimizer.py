@@ -224,7 +224,7 @@ class _FusedAdagradBase(Optimizer):
         for group in self.param_groups:
             ps = group["params"]
             group_grads = [p.grad for p in ps]
-            if None in group_grads:
+            if any(g is None for g in group_grads):  # not `None in`: that runs Tensor.__eq__
                 kept.append([i for i, g in enumerate(group_grads) if g is not None])
                 ps = [ps[i] for i in kept[-1]]
                 group_grads = [group_grads[i] for i in kept[-1]]
