@@ -1,4 +1,5 @@
-"""The CUDA kernel: FusedAdagrad on GPU against torch.optim.Adagrad, and its own guarantees.
+"""The CUDA kernel: FusedAdagrad on GPU against torch.optim.Adagrad, and its own guarantees
+(GradScaler and torch.compile with CUDA graphs included).
 
 Numbers. After 100 steps, within rtol = atol = 1e-6 of torch's for-loop and fused=True paths for
 float32/float64/complex, and 5e-3 (or one ulp of the dtype) of the for-loop for float16/bfloat16:
@@ -681,3 +682,105 @@ def test_cpp_optimizer_on_cuda():
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
         state = opt.state(p)
         assert state["step"].device == p.device and float(state["step"]) == 20
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.amp.GradScaler and torch.compile on the GPU
+
+@pytest.mark.parametrize("opt_cls", [FusedAdagrad, fused_adagrad.RowWiseAdagrad],
+                         ids=lambda c: c.__name__)
+def test_scaled_step_equals_step_on_divided_grads_without_synchronizing(opt_cls):
+    # The kernel divides each grad by the scale, rounded to the dtype, then steps: bitwise the
+    # step on grads divided beforehand, and it reads the scale and found_inf on the device.
+    params = [p for dtype in (torch.float32, torch.bfloat16, torch.float16)
+              for p in initial_params([(17,), (33, 7), (BIG,)], dtype)]
+    grads = grad_sequence(params, 4)
+    scale = torch.tensor(1024.0, device=DEV)
+    found_inf = torch.zeros((), device=DEV)
+    ours = [p.clone() for p in params]
+    opt = opt_cls(ours, lr=0.05, weight_decay=0.01)
+    for t, step_grads in enumerate(grads):
+        for p, g in zip(ours, step_grads):
+            p.grad = g * scale.to(g.dtype)
+        opt.grad_scale, opt.found_inf = scale, found_inf
+        if t > 0:
+            torch.cuda.set_sync_debug_mode("error")  # raises on any synchronizing CUDA call
+        try:
+            opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            del opt.grad_scale, opt.found_inf
+        for p, g in zip(ours, step_grads):  # the step leaves the unscaled grad, as fused=True
+            assert_same(p.grad, (g * scale.to(g.dtype)) / scale)
+    divided = [[g * scale.to(g.dtype) / scale for g in step_grads] for step_grads in grads]
+    theirs, opt_theirs = train(opt_cls, params, divided, lr=0.05, weight_decay=0.01)
+    for p, q in zip(ours, theirs):
+        assert_same(p, q)
+        assert_same(opt.state[p]["sum"], opt_theirs.state[q]["sum"])
+    # A found_inf set on the device: nothing changes, the step count included.
+    before = snapshot(ours + [opt.state[p][k] for p in ours for k in ("sum", "step")])
+    for p in ours:
+        p.grad = torch.full_like(p, float("inf"))
+    opt.grad_scale, opt.found_inf = scale, torch.ones((), device=DEV)
+    opt.step()
+    assert_all_equal(before, snapshot(ours + [opt.state[p][k] for p in ours for k in ("sum", "step")]))
+
+
+def test_grad_scaler_training_matches_torch_adagrad():
+    # A real mixed-precision loop (autocast float16, GradScaler) with an inf injected at step 2:
+    # ours steps like torch's Adagrad under its own scaler and skips the same step.
+    def run(opt_cls, **kw):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(),
+                                    torch.nn.Linear(64, 1)).to(DEV)
+        opt = opt_cls(model.parameters(), lr=0.05, **kw)
+        scaler = torch.amp.GradScaler("cuda", init_scale=2.0 ** 12)
+        gen = torch.Generator(device=DEV).manual_seed(1)
+        for t in range(6):
+            x = torch.randn(16, 32, device=DEV, generator=gen)
+            opt.zero_grad()
+            with torch.autocast("cuda", dtype=torch.float16):
+                loss = model(x).float().square().mean()
+            scaler.scale(loss).backward()
+            if t == 2:
+                next(model.parameters()).grad[0, 0] = float("inf")
+            scaler.step(opt)
+            scaler.update()
+        return model, opt, scaler
+
+    ours, opt_ours, scaler_ours = run(FusedAdagrad)
+    theirs, opt_theirs, scaler_theirs = run(torch.optim.Adagrad, foreach=False)
+    assert scaler_ours.get_scale() == scaler_theirs.get_scale() == 2.0 ** 11  # one backoff
+    for p, q in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(opt_ours.state[p]["sum"], opt_theirs.state[q]["sum"],
+                                   rtol=1e-6, atol=1e-6)
+        assert float(opt_ours.state[p]["step"]) == float(opt_theirs.state[q]["step"]) == 5
+
+
+def test_compiled_reduce_overhead_step_matches_eager():
+    # mode="reduce-overhead" (CUDA graphs where inductor can use them) with a tensor lr on the
+    # device and a scheduler: the same params as eager steps, bitwise.
+    import torch._dynamo
+    torch._dynamo.reset()
+    params = initial_params([(17,), (33, 7), (1023,)], torch.float32)
+    grads = grad_sequence(params, 6)
+    eager, compiled = [p.clone() for p in params], [p.clone() for p in params]
+    eager_opt = FusedAdagrad(eager, lr=torch.tensor(0.1, device=DEV), lr_decay=0.01)
+    opt = FusedAdagrad(compiled, lr=torch.tensor(0.1, device=DEV), lr_decay=0.01)
+    eager_sched = torch.optim.lr_scheduler.ExponentialLR(eager_opt, gamma=0.9)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.9)
+
+    @torch.compile(mode="reduce-overhead")
+    def step():
+        opt.step()
+        sched.step()
+
+    for t, step_grads in enumerate(grads):
+        for e, c, g in zip(eager, compiled, step_grads):
+            e.grad, c.grad = g.clone(), g.clone()
+        eager_opt.step()
+        eager_sched.step()
+        step()
+        for a, b in zip(eager, compiled):
+            assert_same(a, b)
