@@ -23,7 +23,6 @@ of the probe, and each path's time over ours.
 import argparse
 import datetime
 import gc
-import json
 import os
 import statistics
 import sys
@@ -33,6 +32,7 @@ import torch
 import fused_adagrad
 from bench_cpu import CASES, StreamingProbe, seconds
 from fused_adagrad import FusedAdagrad
+from results_io import write_results
 
 
 def fused_adagrad_without_amp(params):
@@ -130,13 +130,8 @@ def main():
     table = "\n".join(["| case | path | ms/step median (min-max) | GB/s | of probe | vs fused-adagrad |",
                        "|---|---|---:|---:|---:|---:|"] + rows)
     print("\n" + header + "\n" + table)
-    os.makedirs(args.out, exist_ok=True)
-    base = os.path.join(args.out, f"amp-cpu-{stamp}")
-    with open(base + ".md", "w") as f:
-        f.write(header + "\n" + table + "\n")
-    with open(base + ".json", "w") as f:
-        json.dump({"machine": machine, "date": stamp, "command": command, "cases": raw}, f, indent=1)
-    print(f"wrote {base}.md and {base}.json")
+    write_results(args.out, f"amp-cpu-{stamp}", header + "\n" + table,
+                  {"machine": machine, "date": stamp, "command": command, "cases": raw})
 
 
 if __name__ == "__main__":

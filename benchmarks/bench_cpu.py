@@ -33,6 +33,7 @@ import torch
 import fused_adagrad
 from fused_adagrad import FusedAdagrad
 from model_shapes import bert_base_shapes, small_shapes
+from results_io import write_results
 
 
 CASES = {
@@ -216,14 +217,9 @@ def main():
               f"{min(probes):.1f} to {max(probes):.1f} GB/s\n"
               f"- Date: {stamp}\n- Command: {command}\n")
     print("\n" + header + "\n" + table)
-    os.makedirs(args.out, exist_ok=True)
     suffix = "-kernels" if args.kernels else ""
-    base = os.path.join(args.out, f"cpu{suffix}-{stamp}")
-    with open(base + ".md", "w") as f:
-        f.write(header + "\n" + table + "\n")
-    with open(base + ".json", "w") as f:
-        json.dump({"machine": machine, "date": stamp, "command": command, "cases": raw}, f, indent=1)
-    print(f"wrote {base}.md and {base}.json")
+    write_results(args.out, f"cpu{suffix}-{stamp}", header + "\n" + table,
+                  {"machine": machine, "date": stamp, "command": command, "cases": raw})
 
 
 if __name__ == "__main__":

@@ -3,17 +3,24 @@
     python benchmarks/bench_cuda.py [--quick] [--out benchmarks/results]
 
 Cases: BERT-base's parameter list (built from its shapes, ~110 M params), a ~1 B-parameter
-decoder-style mix, 1000 small tensors and one 256 M-element tensor, in float32 and bfloat16. For
-each path: median ms per step from CUDA events, GB/s at the bytes a step must move (read param,
-grad, sum; write param, sum: 20 B/element in float32, 10 in bfloat16), that as a share of the
-device-to-device copy bandwidth measured in the same run, speedups, and the extra memory one step
-allocates; for ours also the time to replay the step captured in a CUDA graph. Writes a markdown
-table and JSON to <out>/cuda-<device>-<date>.md/.json.
+decoder-style mix, 1000 small tensors and one 256 M-element tensor, in float32 and bfloat16.
+
+Method. All paths of a case step the same params and grads (each with its own optimizer state)
+and are timed in turns with the bandwidth probe (path 1, ..., path n, probe; repeat), so a clock
+or bandwidth drift hits all alike. Before every timed call the L2 cache is flushed (a write of
+twice its size, untimed), so small cases (1000 small tensors: 2.1 M elements, which would fit
+in an H100's 50 MB L2) are measured from memory like the large ones. Each call is timed by CUDA
+events: the device timeline, including any time the device waits for the host to launch work.
+Reported per path: min, median and max ms; GB/s at the bytes a step must move (read param,
+grad, sum; write param, sum: 20 B/element in float32, 10 in bfloat16) at the median, and that
+as a share of the device-to-device copy bandwidth probed in the same turns; speedups; extra
+memory (a step's peak allocation beyond what was allocated before it; for the CUDA graph, the
+memory its private pool keeps); and the lr path (a float lr, or a tensor lr on the device, which
+a captured graph needs). Writes a markdown table and JSON to <out>/cuda-<device>-<date>.md/.json.
 """
 import argparse
 import datetime
 import gc
-import json
 import os
 import re
 import statistics
@@ -24,6 +31,7 @@ import torch
 import fused_adagrad
 from fused_adagrad import FusedAdagrad
 from model_shapes import bert_base_shapes, small_shapes
+from results_io import write_results
 
 
 def one_billion_shapes():
@@ -55,29 +63,34 @@ OURS = "fused-adagrad"
 GRAPH = "fused-adagrad, CUDA graph replay"
 
 
-def median_ms(fn, iters, warmup):
-    """Median of per-call times between CUDA events: the device timeline, including any time the
-    device waits for the host to launch the work."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-    for start, end in zip(starts, ends):
+class Timer:
+    """CUDA-event timing of single calls, each after an untimed flush of the L2 cache."""
+
+    def __init__(self):
+        l2_bytes = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 64 * 2**20)
+        self.flush_buffer = torch.empty(2 * max(l2_bytes, 2**20), dtype=torch.uint8, device="cuda")
+
+    def start(self, fn):
+        """Runs fn once between two events (after a flush); returns the pair, to be read after
+        a synchronization."""
+        self.flush_buffer.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
         end.record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+        return start, end
 
 
-def copy_bandwidth(iters, elements=256 * 1024 * 1024):
-    """Device-to-device copy of a 1 GiB float32 buffer: bytes read + written per second, GB/s."""
-    src = torch.rand(elements, device="cuda")
-    dst = torch.empty_like(src)
-    ms = median_ms(lambda: dst.copy_(src), iters, warmup=3)
-    del src, dst
-    return 2 * elements * 4 / (ms * 1e-3) / 1e9
+class CopyProbe:
+    """Device-to-device copy of a 1 GiB float32 buffer; bandwidth counts bytes read + written."""
+
+    def __init__(self, elements=256 * 1024 * 1024):
+        self.src = torch.rand(elements, device="cuda")
+        self.dst = torch.empty_like(self.src)
+        self.bytes = 2 * elements * 4
+
+    def copy(self):
+        self.dst.copy_(self.src)
 
 
 def make_params(shapes, dtype):
@@ -98,9 +111,8 @@ def extra_memory(opt):
     return torch.cuda.max_memory_allocated() - before
 
 
-def graph_replay_ms(shapes, dtype, iters, warmup):
-    """Our step with a device lr, captured once in a CUDA graph, then replayed."""
-    params = make_params(shapes, dtype)
+def captured_step(params):
+    """Our step with a device lr, captured once in a CUDA graph: (graph, bytes its pool keeps)."""
     opt = FusedAdagrad(params, lr=torch.tensor(0.01, device="cuda"))
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -108,12 +120,14 @@ def graph_replay_ms(shapes, dtype, iters, warmup):
         for _ in range(3):
             opt.step()
     torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         opt.step()
-    ms = median_ms(graph.replay, iters, warmup)
-    del graph, opt, params
-    return ms
+    torch.cuda.synchronize()
+    graph.optimizer = opt  # keeps the captured state alive with the graph
+    return graph, torch.cuda.memory_allocated() - before
 
 
 def release():
@@ -121,40 +135,53 @@ def release():
     torch.cuda.empty_cache()
 
 
-def run_case(shapes, dtype, iters, warmup):
+def run_case(shapes, dtype, iters, warmup, timer, probe):
+    """(numel, bytes per step, results by path, probe GB/s of this case's turns)."""
     numel = sum(torch.Size(s).numel() for s in shapes)
     bytes_per_step = numel * dtype.itemsize * 5  # read p, g, sum; write p, sum
-    results = {}
+    params = make_params(shapes, dtype)
+    results, steppers = {}, {}
     for name, make in PATHS.items():
-        release()
-        params = make_params(shapes, dtype)
         try:
             opt = make(params)
             opt.step()
         except RuntimeError as e:  # e.g. a torch without a fused CUDA Adagrad for this dtype
             results[name] = {"error": str(e).splitlines()[0]}
-            del params
             continue
-        ms = median_ms(opt.step, iters, warmup)
-        results[name] = {"ms": ms, "GB/s": bytes_per_step / (ms * 1e-3) / 1e9,
-                         "extra_bytes": extra_memory(opt)}
-        del opt, params
+        steppers[name] = (opt.step, extra_memory(opt), "float")
+    graph, graph_bytes = captured_step(params)
+    steppers[GRAPH] = (graph.replay, graph_bytes, "tensor (device)")
+    times = {name: [] for name in steppers}
+    probe_times = []
+    for turn in range(warmup + iters):
+        pairs = {name: timer.start(fn) for name, (fn, _, _) in steppers.items()}
+        probe_pair = timer.start(probe.copy)
+        torch.cuda.synchronize()
+        if turn >= warmup:
+            for name, (start, end) in pairs.items():
+                times[name].append(start.elapsed_time(end))
+            probe_times.append(probe_pair[0].elapsed_time(probe_pair[1]))
+    for name, (_, extra_bytes, lr) in steppers.items():
+        ms = statistics.median(times[name])
+        results[name] = {"ms": ms, "min_ms": min(times[name]), "max_ms": max(times[name]),
+                         "GB/s": bytes_per_step / (ms * 1e-3) / 1e9, "extra_bytes": extra_bytes,
+                         "lr": lr}
+    steppers.clear()
+    del graph, params
     release()
-    ms = graph_replay_ms(shapes, dtype, iters, warmup)
-    results[GRAPH] = {"ms": ms, "GB/s": bytes_per_step / (ms * 1e-3) / 1e9, "extra_bytes": 0}
-    release()
-    return numel, bytes_per_step, results
+    probe_gbps = probe.bytes / (statistics.median(probe_times) * 1e-3) / 1e9
+    return numel, bytes_per_step, results, probe_gbps
 
 
 def device_slug(name):
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def targets(raw, probe):
+def targets(raw):
     """The issue's targets, each with the measured value and whether it is met."""
     lines = []
     for case in raw:
-        r = case["results"]
+        r, probe = case["results"], case["copy_GBps"]
         ours = r[OURS]["ms"]
 
         def speedup(path):
@@ -198,52 +225,52 @@ def main():
     props = torch.cuda.get_device_properties(0)
     machine = (f"{props.name} ({props.total_memory / 2**30:.0f} GiB), torch {torch.__version__}, "
                f"CUDA {torch.version.cuda}, fused-adagrad {info['version']}")
-    probe = copy_bandwidth(iters)
-    print(f"{machine}\ndevice-to-device copy: {probe:.0f} GB/s")
+    print(machine)
+    timer, probe = Timer(), CopyProbe()
 
     rows, raw = [], []
     for dtype in (torch.float32, torch.bfloat16):
         for case, shapes_fn in CASES.items():
             shapes = shapes_fn()
-            numel, bytes_per_step, res = run_case(shapes, dtype, iters, warmup)
+            numel, bytes_per_step, res, probe_gbps = run_case(shapes, dtype, iters, warmup, timer,
+                                                              probe)
             ours = res[OURS]["ms"]
             for name, r in res.items():
                 if "error" in r:
-                    rows.append(f"| {case} | {str(dtype)[6:]} | {name} | n/a: {r['error']} "
+                    rows.append(f"| {case} | {str(dtype)[6:]} | {name} | | n/a: {r['error']} "
                                 "| | | | |")
                 else:
                     rows.append(
-                        f"| {case} | {str(dtype)[6:]} | {name} | {r['ms']:.3f} | {r['GB/s']:.0f} | "
-                        f"{100 * r['GB/s'] / probe:.0f} % | {r['ms'] / ours:.2f}x | "
+                        f"| {case} | {str(dtype)[6:]} | {name} | {r['lr']} | "
+                        f"{r['ms']:.3f} ({r['min_ms']:.3f}-{r['max_ms']:.3f}) | {r['GB/s']:.0f} | "
+                        f"{100 * r['GB/s'] / probe_gbps:.0f} % | {r['ms'] / ours:.2f}x | "
                         f"{r['extra_bytes'] / 2**20:.1f} MiB |")
-                print(rows[-1])
+                print(rows[-1], flush=True)
             raw.append({"case": case, "dtype": str(dtype)[6:], "numel": numel,
-                        "tensors": len(shapes), "bytes_per_step": bytes_per_step, "results": res})
+                        "tensors": len(shapes), "bytes_per_step": bytes_per_step,
+                        "copy_GBps": probe_gbps, "results": res})
 
     table = "\n".join(
-        ["| case | dtype | path | ms/step (median) | GB/s | of copy bandwidth "
-         "| fused-adagrad speedup | extra memory per step |",
-         "|---|---|---|---:|---:|---:|---:|---:|"] + rows)
-    goals = targets(raw, probe)
+        ["| case | dtype | path | lr | ms/step median (min-max) | GB/s | of copy bandwidth "
+         "| fused-adagrad speedup | extra memory |",
+         "|---|---|---|---|---:|---:|---:|---:|---:|"] + rows)
+    goals = targets(raw)
     stamp = datetime.date.today().isoformat()
-    header = (f"Device: {machine}\n"
-              f"Device-to-device copy bandwidth (1 GiB float32, read + write): {probe:.0f} GB/s\n"
-              f"Date: {stamp}\n"
-              f"Command: python benchmarks/bench_cuda.py{' --quick' if args.quick else ''}\n"
-              f"Bytes per step: 5 x element size per element (read param, grad, sum; write "
-              f"param, sum). Times: median of {iters} steps after {warmup} warm-up steps, CUDA "
-              f"events.\n")
-    text = header + "\n" + table + "\n\nTargets:\n" + "\n".join(goals) + "\n"
+    probes = [case["copy_GBps"] for case in raw]
+    header = (f"- Device: {machine}\n"
+              f"- Device-to-device copy bandwidth (1 GiB float32, read + write, timed in turns "
+              f"with each case's steps): {min(probes):.0f} to {max(probes):.0f} GB/s\n"
+              f"- Date: {stamp}\n"
+              f"- Command: python benchmarks/bench_cuda.py{' --quick' if args.quick else ''}\n"
+              f"- Bytes per step: 5 x element size per element (read param, grad, sum; write "
+              f"param, sum). Times: {iters} turns after {warmup} warm-up turns, CUDA events, L2 "
+              f"flushed before each timed call.\n")
+    text = header + "\n" + table + "\n\nTargets:\n" + "\n".join(goals)
     print("\n" + text)
-    os.makedirs(args.out, exist_ok=True)
-    base = os.path.join(args.out, f"cuda-{device_slug(props.name)}-{stamp}")
-    with open(base + ".md", "w") as f:
-        f.write(text)
-    with open(base + ".json", "w") as f:
-        json.dump({"device": props.name, "torch": torch.__version__, "cuda": torch.version.cuda,
-                   "fused_adagrad": info["version"], "date": stamp, "copy_GBps": probe,
-                   "iters": iters, "warmup": warmup, "cases": raw, "targets": goals}, f, indent=1)
-    print(f"wrote {base}.md and {base}.json")
+    write_results(args.out, f"cuda-{device_slug(props.name)}-{stamp}", text,
+                  {"device": props.name, "torch": torch.__version__, "cuda": torch.version.cuda,
+                   "fused_adagrad": info["version"], "date": stamp, "iters": iters,
+                   "warmup": warmup, "cases": raw, "targets": goals})
 
 
 if __name__ == "__main__":

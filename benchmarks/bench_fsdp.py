@@ -12,7 +12,6 @@ of an FSDP2 step). Paths: torch for-loop (foreach=False), torch foreach (the def
 foreach ops dispatch through DTensor), FusedAdagrad (one op call on the local shards).
 """
 import argparse
-import copy
 import datetime
 import json
 import os
@@ -28,6 +27,7 @@ import torch.multiprocessing as mp
 
 import fused_adagrad
 from fused_adagrad import FusedAdagrad
+from results_io import write_results
 
 WORLD = 2
 PATHS = {
@@ -127,14 +127,9 @@ def main():
                        "tensors, ms | DTensor overhead, ms | vs fused-adagrad |",
                        "|---|---:|---:|---:|---:|"] + rows)
     print("\n" + header + "\n" + table)
-    os.makedirs(args.out, exist_ok=True)
-    base = os.path.join(args.out, f"fsdp-cpu-{stamp}")
-    with open(base + ".md", "w") as f:
-        f.write(header + "\n" + table + "\n")
-    with open(base + ".json", "w") as f:
-        json.dump({"machine": machine, "date": stamp, "command": command, "layers": args.layers,
-                   "width": args.width, "results": results}, f, indent=1)
-    print(f"wrote {base}.md and {base}.json")
+    write_results(args.out, f"fsdp-cpu-{stamp}", header + "\n" + table,
+                  {"machine": machine, "date": stamp, "command": command, "layers": args.layers,
+                   "width": args.width, "results": results})
 
 
 if __name__ == "__main__":

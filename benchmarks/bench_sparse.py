@@ -12,7 +12,6 @@ optimizer state's size and the bytes one step allocates.
 """
 import argparse
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -23,6 +22,7 @@ import torch
 import fused_adagrad
 from bench_cpu import StreamingProbe, allocated_bytes, seconds
 from fused_adagrad import FusedAdagrad, RowWiseAdagrad
+from results_io import write_results
 
 ROWS, ROW_LEN = 1_000_000, 128
 
@@ -124,12 +124,8 @@ def main():
     header.append(f"- Streaming probe (in-place add, timed in turns): {min(probes):.1f} to {max(probes):.1f} GB/s")
     text = "\n".join(header) + "\n\n" + "\n".join(lines) + "\n"
     print(text)
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"sparse-cpu-{date}")
-    with open(stem + ".md", "w") as f:
-        f.write("# Sparse (embedding table) step, CPU\n\n" + text)
-    with open(stem + ".json", "w") as f:
-        json.dump({"header": header, "cases": results}, f, indent=1)
+    write_results(args.out, f"sparse-cpu-{date}", "# Sparse (embedding table) step, CPU\n\n" + text,
+                  {"header": header, "cases": results})
 
 
 if __name__ == "__main__":

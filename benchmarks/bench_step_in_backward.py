@@ -15,7 +15,6 @@ step time of each (a few steps, after a warm-up one), and that both give the sam
 import argparse
 import ctypes
 import datetime
-import json
 import os
 import statistics
 import time
@@ -24,6 +23,7 @@ import torch
 
 import fused_adagrad
 from fused_adagrad import FusedAdagrad
+from results_io import write_results
 
 
 class BertShaped(torch.nn.Module):
@@ -129,16 +129,11 @@ def main():
     ]
     text = "\n".join(lines)
     print(text)
-    os.makedirs(args.out, exist_ok=True)
-    base = os.path.join(args.out, f"step-in-backward-{stamp}")
-    with open(base + ".md", "w") as f:
-        f.write(text + "\n")
-    with open(base + ".json", "w") as f:
-        json.dump({"date": stamp, "params": params, "batch": args.batch, "seq": args.seq,
+    write_results(args.out, f"step-in-backward-{stamp}", text,
+                  {"date": stamp, "params": params, "batch": args.batch, "seq": args.seq,
                    "plain": {"peak_bytes": plain_peak, "median_s": plain_s},
                    "step_in_backward": {"peak_bytes": hooked_peak, "median_s": hooked_s},
-                   "same_params": same}, f, indent=1)
-    print(f"wrote {base}.md and {base}.json")
+                   "same_params": same})
     if not same:
         raise SystemExit("step_in_backward gave other params than the plain step")
 
