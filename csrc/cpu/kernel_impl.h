@@ -136,7 +136,8 @@ struct F16 {
     // A select by mask, not `?:`: GCC would move each float operation into its branch, and
     // then not vectorize the loop (a float operation may trap, so it is not run unasked; the
     // 10x slower portable float16 step of issue 13).
-    const uint32_t is_subnormal = 0u - static_cast<uint32_t>(magnitude < 0x0400u);
+    const uint32_t is_subnormal =  // signed, as in bias()
+        0u - static_cast<uint32_t>(static_cast<int32_t>(magnitude) < 0x0400);
     return float_from_bits(sign | (bits_of_float(subnormal) & is_subnormal) |
                            (bits_of_float(normal) & ~is_subnormal));
   }
@@ -149,7 +150,8 @@ struct F16 {
     // The sum's exponent field, mod 32, is the half's exponent minus one; the mantissa's
     // leading 1 (bit 10) adds that one back, and a rounding carry propagates on its own.
     const uint32_t half = ((sum >> 13) & 0x7c00u) + (sum & 0x0fffu);
-    const uint32_t is_nan = 0u - static_cast<uint32_t>(magnitude > 0x7f800000u);  // as in load()
+    const uint32_t is_nan =  // signed, as in bias()
+        0u - static_cast<uint32_t>(static_cast<int32_t>(magnitude) > 0x7f800000);
     return static_cast<S>(sign | (0x7e00u & is_nan) | (half & ~is_nan));
   }
   // load(store(x)) without leaving float, for the intermediates torch rounds to half: fewer
@@ -157,9 +159,10 @@ struct F16 {
   static M round(M f) {
     const uint32_t bits = bits_of_float(f);
     const uint32_t magnitude = bits & 0x7fffffffu;
-    // Exact: the rounded 4|f| has at most 11 significant bits.
-    float r = (rounded_sum(magnitude) - bias(magnitude)) * 0.25f;
-    r = r > 65504.0f ? float_from_bits(0x7f800000u) : r;  // 65520 <= |f| < 65536 rounds to inf
+    // Exact: the rounded 4|f| has at most 11 significant bits. Scaling it by 2^110 and then by
+    // 2^-112 is the division by 4 that also makes 65536 (what 65520 <= |f| < 65536 round to)
+    // inf, as a half overflows: two multiplications instead of a compare and a select.
+    const float r = ((rounded_sum(magnitude) - bias(magnitude)) * 0x1p110f) * 0x1p-112f;
     return float_from_bits(bits_of_float(r) | (bits & 0x80000000u));
   }
   static M hyper(double x) { return round(static_cast<float>(x)); }
@@ -168,11 +171,13 @@ struct F16 {
   // 2^(e+15), e = the exponent of the float with these magnitude bits, clamped to [-14, 16]:
   // -14 is half's smallest normal exponent; from 16 up the scaled value is inf anyway, and the
   // upper clamp keeps the bias finite (inf - inf would make round() a NaN).
+  // The exponent bits compare as signed integers (they are below 2^31): SSE2, the portable
+  // build's x86 target, has no unsigned 32-bit compare and emulates one in several instructions.
   static float bias(uint32_t magnitude) {
-    uint32_t exponent = magnitude & 0x7f800000u;
-    exponent = exponent < (113u << 23) ? (113u << 23) : exponent;
-    exponent = exponent > (143u << 23) ? (143u << 23) : exponent;
-    return float_from_bits(exponent + (15u << 23));
+    int32_t exponent = static_cast<int32_t>(magnitude & 0x7f800000u);
+    exponent = exponent < (113 << 23) ? (113 << 23) : exponent;
+    exponent = exponent > (143 << 23) ? (143 << 23) : exponent;
+    return float_from_bits(static_cast<uint32_t>(exponent) + (15u << 23));
   }
   // bias + 4|f|: the float add rounds 4|f| to a half's precision in the low mantissa bits.
   // The first scaling makes |f| >= 2^16 inf; for smaller |f| the two give 4|f| exactly.
