@@ -190,6 +190,7 @@ struct F16Lanes {
   static constexpr bool kFmaWeightDecay = true;
   static constexpr int kWidth = KERNEL_F16_LANES;
   using M = FloatLanes;
+  static M broadcast(float x) { return splat(x); }
   static M load(const uint16_t* x) { return widen(load_halves(x)); }
   static void store(uint16_t* x, M v) { store_halves(x, narrow(v)); }
   static M round(M v) { return widen(narrow(v)); }
@@ -259,7 +260,9 @@ inline void update_element(M& p, M g, M& s, M neg_clr, M weight_decay, M eps) {
   p = p + (neg_clr * g) / denom;
 }
 
-// A storage type whose loop runs on hand-written vectors first (the rest, element by element).
+// A storage type whose loops run on hand-written vectors first (the rest, element by element).
+// V works on V::kWidth elements at a time in a V::M, with the scalar type's members
+// (kFmaWeightDecay, load, store, round) and broadcast(float), a V::M of one value.
 template <typename T>
 struct VectorOf {
   static constexpr bool kExists = false;
@@ -280,7 +283,8 @@ void update_run(typename T::S* __restrict param, const typename T::S* __restrict
   int64_t i = 0;
   if constexpr (VectorOf<T>::kExists) {
     using V = typename VectorOf<T>::V;
-    const auto v_neg_clr = splat(neg_clr), v_wd = splat(weight_decay), v_eps = splat(eps);
+    const auto v_neg_clr = V::broadcast(neg_clr), v_wd = V::broadcast(weight_decay),
+               v_eps = V::broadcast(eps);
     for (; i + V::kWidth <= n; i += V::kWidth) {
       auto p = V::load(param + i), s = V::load(sum + i);
       update_element<V, kMaximize, kWeightDecay, kEpsInsideSqrt>(p, V::load(grad + i), s,
@@ -368,7 +372,7 @@ void sparse_update_row(typename T::S* __restrict param, const typename T::S* __r
   int64_t i = 0;
   if constexpr (VectorOf<T>::kExists) {
     using V = typename VectorOf<T>::V;
-    const auto v_neg_clr = splat(neg_clr), v_eps = splat(eps);
+    const auto v_neg_clr = V::broadcast(neg_clr), v_eps = V::broadcast(eps);
     for (; i + V::kWidth <= n; i += V::kWidth) {
       auto p = V::load(param + i), s = V::load(sum + i);
       sparse_update_element<V, kAxpyFma, kMaximize, kEpsInsideSqrt>(p, V::load(grad + i), s,
