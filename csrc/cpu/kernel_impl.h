@@ -194,6 +194,12 @@ struct F16Lanes {
   static M load(const uint16_t* x) { return widen(load_halves(x)); }
   static void store(uint16_t* x, M v) { store_halves(x, narrow(v)); }
   static M round(M v) { return widen(narrow(v)); }
+  // Stores round(v) and returns it: one conversion fewer than round() and store().
+  static M store_round(uint16_t* x, M v) {
+    const HalfLanes h = narrow(v);
+    store_halves(x, h);
+    return widen(h);
+  }
 };
 #endif
 struct BF16 {
@@ -232,6 +238,26 @@ struct RoundedStore<BF16> {
   static BF16::S store(BF16::M x) { return BF16::store_rounded(x); }
 };
 
+// The grad term of the step: the grad with maximize's sign, plus weight decay.
+template <typename T, bool kMaximize, bool kWeightDecay, typename M>
+inline M decayed_grad(M p, M g, M weight_decay) {
+  if constexpr (kMaximize) g = -g;
+  if constexpr (kWeightDecay) {
+    g = T::round(T::kFmaWeightDecay ? fmadd(p, weight_decay, g) : p * weight_decay + g);
+  }
+  return g;
+}
+
+// std, from the new sum s (already rounded to the storage type).
+template <typename T, bool kEpsInsideSqrt, typename M>
+inline M denominator(M s, M eps) {
+  if constexpr (kEpsInsideSqrt) {
+    return T::round(sqrt_(T::round(s + eps)));
+  } else {
+    return T::round(T::round(sqrt_(s)) + eps);
+  }
+}
+
 // The order of operations is torch's single-tensor path:
 //   g = maximize ? -grad : grad;  g = g + wd * p  (fmadd);  sum = sum + g * g  (fmadd);
 //   std = sqrt(sum) + eps;  p = p + ((-clr) * g) / std.
@@ -243,26 +269,19 @@ struct RoundedStore<BF16> {
 // torch's for-loop, and is bitwise equal to it wherever its for-loop and fused=True agree.
 // For half and bfloat16, torch's for-loop stores each of those intermediates (g, sum, sqrt,
 // std) as a tensor of the param's dtype; T::round does the same in registers, so the numbers
-// match torch's while the arithmetic between the roundings is float.
+// match torch's while the arithmetic between the roundings is float. The vector loop of
+// update_run takes the same steps (decayed_grad, the sum, denominator, p).
 template <typename T, bool kMaximize, bool kWeightDecay, bool kEpsInsideSqrt, typename M>
 inline void update_element(M& p, M g, M& s, M neg_clr, M weight_decay, M eps) {
-  if constexpr (kMaximize) g = -g;
-  if constexpr (kWeightDecay) {
-    g = T::round(T::kFmaWeightDecay ? fmadd(p, weight_decay, g) : p * weight_decay + g);
-  }
+  g = decayed_grad<T, kMaximize, kWeightDecay>(p, g, weight_decay);
   s = T::round(fmadd(g, g, s));
-  M denom;
-  if constexpr (kEpsInsideSqrt) {
-    denom = T::round(sqrt_(T::round(s + eps)));
-  } else {
-    denom = T::round(T::round(sqrt_(s)) + eps);
-  }
-  p = p + (neg_clr * g) / denom;
+  p = p + (neg_clr * g) / denominator<T, kEpsInsideSqrt>(s, eps);
 }
 
 // A storage type whose loops run on hand-written vectors first (the rest, element by element).
 // V works on V::kWidth elements at a time in a V::M, with the scalar type's members
-// (kFmaWeightDecay, load, store, round) and broadcast(float), a V::M of one value.
+// (kFmaWeightDecay, load, store, round), broadcast(float), a V::M of one value, and
+// store_round(S*, M), which stores round() of its argument and returns it.
 template <typename T>
 struct VectorOf {
   static constexpr bool kExists = false;
@@ -286,11 +305,10 @@ void update_run(typename T::S* __restrict param, const typename T::S* __restrict
     const auto v_neg_clr = V::broadcast(neg_clr), v_wd = V::broadcast(weight_decay),
                v_eps = V::broadcast(eps);
     for (; i + V::kWidth <= n; i += V::kWidth) {
-      auto p = V::load(param + i), s = V::load(sum + i);
-      update_element<V, kMaximize, kWeightDecay, kEpsInsideSqrt>(p, V::load(grad + i), s,
-                                                                  v_neg_clr, v_wd, v_eps);
-      V::store(sum + i, s);
-      V::store(param + i, p);
+      const auto p = V::load(param + i);
+      const auto g = decayed_grad<V, kMaximize, kWeightDecay>(p, V::load(grad + i), v_wd);
+      const auto s = V::store_round(sum + i, fmadd(g, g, V::load(sum + i)));
+      V::store(param + i, p + (v_neg_clr * g) / denominator<V, kEpsInsideSqrt>(s, v_eps));
     }
   }
   for (; i < n; ++i) {
