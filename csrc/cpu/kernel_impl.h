@@ -1,6 +1,7 @@
 // The Adagrad element update, written once. Included by kernel_{base,avx2,avx512}.cpp after
 // each selects its ISA with `#pragma GCC target`; the compiler vectorizes the loop for that ISA
-// (float16 alone gets hand-written vectors where the ISA converts halves, see F16Lanes).
+// (float16 and bfloat16 get hand-written vectors in the x86 SIMD builds, see F16Lanes and
+// BF16Lanes).
 // Everything here has internal linkage and uses builtins and intrinsics, not std:: templates, so
 // no function compiled for AVX-512 can be merged by the linker into the code path of an older CPU.
 // The build passes -ffp-contract=off (no FMA unless written) and -fno-math-errno (lets sqrt
@@ -47,6 +48,12 @@ inline HalfLanes narrow(FloatLanes v) { return _mm256_cvtps_ph(v, _MM_FROUND_TO_
 inline HalfLanes load_halves(const void* x) { return _mm_loadu_si128(static_cast<const HalfLanes*>(x)); }
 inline void store_halves(void* x, HalfLanes h) { _mm_storeu_si128(static_cast<HalfLanes*>(x), h); }
 #endif
+#if KERNEL_F16_LANES
+// FloatLanes as 32-bit and as 16-bit integers, for bit arithmetic in any width (vector
+// extensions: an operator acts lane by lane, a scalar operand on every lane).
+typedef uint32_t BitLanes __attribute__((vector_size(sizeof(FloatLanes))));
+typedef int16_t HalfwordLanes __attribute__((vector_size(sizeof(FloatLanes))));
+#endif
 
 // Storage type S <-> math type M. Half and bfloat16 compute in float and round only on store.
 // `hyper` is how torch (for-loop and fused alike) turns a double hyperparameter into a value of
@@ -86,6 +93,16 @@ inline uint32_t bits_of_float(float f) {
   uint32_t bits;
   std::memcpy(&bits, &f, sizeof bits);
   return bits;
+}
+#if KERNEL_F16_LANES
+inline FloatLanes float_from_bits(BitLanes bits) { return (FloatLanes)bits; }
+inline BitLanes bits_of_float(FloatLanes f) { return (BitLanes)f; }
+#endif
+// The bits of a float (or of lanes of them) with the low kBits rounded off, to nearest even: a
+// carry out of the mantissa moves to the exponent, as it should.
+template <int kBits, typename Bits>
+inline Bits round_low_bits(Bits bits) {
+  return (bits + ((1u << (kBits - 1)) - 1u) + ((bits >> kBits) & 1u)) & ~((1u << kBits) - 1u);
 }
 
 #if defined(__aarch64__)
@@ -222,11 +239,62 @@ struct BF16 {
   // comes from a bfloat16 operand or is the default NaN, so its low 16 bits are 0 and adding at
   // most 0x8000 to them cannot carry into the exponent: a NaN stays a NaN. (The stores still
   // canonicalize NaN, as torch's do.) Two instructions fewer per rounding, three per element.
-  static M round(M x) {
-    const uint32_t bits = bits_of_float(x);
-    return float_from_bits((bits + 0x7fffu + ((bits >> 16) & 1u)) & 0xffff0000u);
+  static M round(M x) { return float_from_bits(round_low_bits<16>(bits_of_float(x))); }
+};
+#if KERNEL_F16_LANES
+// Two FloatLanes: the even and the odd elements of BF16Lanes::kWidth consecutive bfloat16, with
+// the float operations of the step, lane by lane.
+struct EvenOdd {
+  FloatLanes even, odd;
+};
+inline EvenOdd operator+(EvenOdd a, EvenOdd b) { return {a.even + b.even, a.odd + b.odd}; }
+inline EvenOdd operator*(EvenOdd a, EvenOdd b) { return {a.even * b.even, a.odd * b.odd}; }
+inline EvenOdd operator/(EvenOdd a, EvenOdd b) { return {a.even / b.even, a.odd / b.odd}; }
+inline EvenOdd operator-(EvenOdd a) { return {-a.even, -a.odd}; }
+inline EvenOdd fmadd(EvenOdd a, EvenOdd b, EvenOdd c) {
+  return {fmadd(a.even, b.even, c.even), fmadd(a.odd, b.odd, c.odd)};
+}
+inline EvenOdd sqrt_(EvenOdd x) { return {sqrt_(x.even), sqrt_(x.odd)}; }
+
+// BF16 on 2 * KERNEL_F16_LANES elements at a time. A bfloat16 is the high half of a float, so one
+// load gives the even elements by a shift and the odd ones by a mask, and a store merges them
+// the same way: no lane-crossing shuffle. (GCC vectorized BF16's loop with widening and
+// narrowing shuffles, which with the bit arithmetic of the roundings made the AVX2 step compute
+// bound.) Same bits as BF16, NaN included, for floats whose NaNs have their low 16 bits 0, as
+// round() assumes (see BF16::round): store() canonicalizes NaNs after rounding.
+struct BF16Lanes {
+  static constexpr bool kFmaWeightDecay = true;
+  static constexpr int kWidth = 2 * KERNEL_F16_LANES;
+  using M = EvenOdd;
+  static M broadcast(float x) { return {splat(x), splat(x)}; }
+  static M load(const uint16_t* x) {
+    BitLanes bits;
+    std::memcpy(&bits, x, sizeof bits);
+    return {float_from_bits(bits << 16), float_from_bits(bits & 0xffff0000u)};
+  }
+  static void store(uint16_t* x, M v) { store_rounded(x, round(v)); }
+  static M round(M v) { return {round_lanes(v.even), round_lanes(v.odd)}; }
+  static M store_round(uint16_t* x, M v) {
+    const M r = round(v);
+    store_rounded(x, r);
+    return r;
+  }
+
+ private:
+  static FloatLanes round_lanes(FloatLanes v) {
+    return float_from_bits(round_low_bits<16>(bits_of_float(v)));
+  }
+  // BF16::store_rounded per element, the NaN test made on the bfloat16: round() keeps a NaN a
+  // NaN (see BF16::round), and a 16-bit test covers all the elements at once.
+  static void store_rounded(uint16_t* x, M r) {
+    const BitLanes merged = (bits_of_float(r.even) >> 16) | bits_of_float(r.odd);
+    const HalfwordLanes h = (HalfwordLanes)merged;
+    const HalfwordLanes is_nan = (h & 0x7fff) > 0x7f80;
+    const HalfwordLanes canonical = (h & ~is_nan) | (0x7fc0 & is_nan);
+    std::memcpy(x, &canonical, sizeof canonical);
   }
 };
+#endif
 
 // store() of a value that T::round() returned: the same bits, cheaper where the type allows.
 template <typename T>
@@ -291,6 +359,11 @@ template <>
 struct VectorOf<F16> {
   static constexpr bool kExists = true;
   using V = F16Lanes;
+};
+template <>
+struct VectorOf<BF16> {
+  static constexpr bool kExists = true;
+  using V = BF16Lanes;
 };
 #endif
 

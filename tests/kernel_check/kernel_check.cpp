@@ -12,7 +12,7 @@
 //       every option combination, slices of odd sizes and ranges that split them, three steps,
 //       against a scalar reference of the arithmetic documented above update_element in
 //       kernel_impl.h, bitwise;
-//   (d) sparse_update_range and rowwise_update_range on tiny cases against plain scalar loops.
+//   (d) sparse_update_range and rowwise_update_range on small cases against plain scalar loops.
 // (c) and (d) run on every kernel this binary has and this CPU runs: base (kernel_base.cpp, as
 // built), avx2 and avx512 on x86-64, and the copy of kernel_impl.h compiled into this file.
 //
@@ -488,7 +488,8 @@ template <typename R>
 void check_sparse(const Kernel& kernel, int* cases) {
   using S = typename R::S;
   using M = typename R::M;
-  constexpr int64_t n = 5, table_rows = 6;
+  // Rows of 37 elements: a vector of each lane type (up to 32 elements) and a tail.
+  constexpr int64_t n = 37, table_rows = 6;
   const std::vector<int64_t> grad_rows = {3, 1, 3, 0, 3};  // row 3 three times
   // Value rows sorted by table row, ties in grad order; distinct rows 0, 1, 3.
   const std::vector<int64_t> order = {3, 1, 0, 2, 4}, segments = {0, 1, 2, 5}, rows = {0, 1, 3};
