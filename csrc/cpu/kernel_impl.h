@@ -59,6 +59,7 @@ typedef int16_t HalfwordLanes __attribute__((vector_size(sizeof(FloatLanes))));
 // `hyper` is how torch (for-loop and fused alike) turns a double hyperparameter into a value of
 // the param's type: weight_decay and eps are rounded to half/bfloat16 first. With weight decay,
 // g + wd * p often cancels, so that rounding shows in the result and we must do the same.
+// `rounded_sqrt(x)` is round(sqrt(x)) for an x that round() returned (or a loaded value).
 struct F32 {
   static constexpr bool kFmaWeightDecay = true;
   using S = float;
@@ -67,6 +68,7 @@ struct F32 {
   static S store(M x) { return x; }
   static M hyper(double x) { return static_cast<M>(x); }
   static M round(M x) { return x; }
+  static M rounded_sqrt(M x) { return sqrt_(x); }
 };
 struct F64 {
   static constexpr bool kFmaWeightDecay = true;
@@ -76,6 +78,7 @@ struct F64 {
   static S store(M x) { return x; }
   static M hyper(double x) { return x; }
   static M round(M x) { return x; }
+  static M rounded_sqrt(M x) { return sqrt_(x); }
 };
 // Real views of complex64/complex128.
 struct C32 : F32 {
@@ -130,6 +133,7 @@ struct F16 {
     return h;
   }
   static M round(M f) { return static_cast<M>(static_cast<__fp16>(f)); }
+  static M rounded_sqrt(M x) { return round(sqrt_(x)); }
   // Through float first, as c10::Half(double) does (a direct double -> half cast rounds once).
   static M hyper(double x) { return round(static_cast<float>(x)); }
 };
@@ -179,6 +183,12 @@ struct F16 {
     r = r > 65504.0f ? float_from_bits(0x7f800000u) : r;  // 65520 <= |f| < 65536 rounds to inf
     return float_from_bits(bits_of_float(r) | (bits & 0x80000000u));
   }
+  // The square root of a half is +-0, inf, NaN or in [2^-12, 256], where halves are normal: its
+  // rounding to half is the float's mantissa rounded to 11 bits, with no subnormal or overflow
+  // case (a NaN keeps its bits: every NaN here has its low 13 bits 0, as in BF16::round).
+  static M rounded_sqrt(M x) {
+    return float_from_bits(round_low_bits<13>(bits_of_float(sqrt_(x))));
+  }
   static M hyper(double x) { return round(static_cast<float>(x)); }
 
  private:
@@ -211,6 +221,10 @@ struct F16Lanes {
   static M load(const uint16_t* x) { return widen(load_halves(x)); }
   static void store(uint16_t* x, M v) { store_halves(x, narrow(v)); }
   static M round(M v) { return widen(narrow(v)); }
+  // F16::rounded_sqrt (x86) in integer lanes, instead of two conversions, which bound the step.
+  static M rounded_sqrt(M x) {
+    return float_from_bits(round_low_bits<13>(bits_of_float(sqrt_(x))));
+  }
   // Stores round(v) and returns it: one conversion fewer than round() and store().
   static M store_round(uint16_t* x, M v) {
     const HalfLanes h = narrow(v);
@@ -240,6 +254,7 @@ struct BF16 {
   // most 0x8000 to them cannot carry into the exponent: a NaN stays a NaN. (The stores still
   // canonicalize NaN, as torch's do.) Two instructions fewer per rounding, three per element.
   static M round(M x) { return float_from_bits(round_low_bits<16>(bits_of_float(x))); }
+  static M rounded_sqrt(M x) { return round(sqrt_(x)); }
 };
 #if KERNEL_F16_LANES
 // Two FloatLanes: the even and the odd elements of BF16Lanes::kWidth consecutive bfloat16, with
@@ -274,6 +289,7 @@ struct BF16Lanes {
   }
   static void store(uint16_t* x, M v) { store_rounded(x, round(v)); }
   static M round(M v) { return {round_lanes(v.even), round_lanes(v.odd)}; }
+  static M rounded_sqrt(M x) { return round(sqrt_(x)); }
   static M store_round(uint16_t* x, M v) {
     const M r = round(v);
     store_rounded(x, r);
@@ -320,9 +336,9 @@ inline M decayed_grad(M p, M g, M weight_decay) {
 template <typename T, bool kEpsInsideSqrt, typename M>
 inline M denominator(M s, M eps) {
   if constexpr (kEpsInsideSqrt) {
-    return T::round(sqrt_(T::round(s + eps)));
+    return T::rounded_sqrt(T::round(s + eps));
   } else {
-    return T::round(T::round(sqrt_(s)) + eps);
+    return T::round(T::rounded_sqrt(s) + eps);
   }
 }
 
@@ -348,8 +364,8 @@ inline void update_element(M& p, M g, M& s, M neg_clr, M weight_decay, M eps) {
 
 // A storage type whose loops run on hand-written vectors first (the rest, element by element).
 // V works on V::kWidth elements at a time in a V::M, with the scalar type's members
-// (kFmaWeightDecay, load, store, round), broadcast(float), a V::M of one value, and
-// store_round(S*, M), which stores round() of its argument and returns it.
+// (kFmaWeightDecay, load, store, round, rounded_sqrt), broadcast(float), a V::M of one value,
+// and store_round(S*, M), which stores round() of its argument and returns it.
 template <typename T>
 struct VectorOf {
   static constexpr bool kExists = false;
@@ -444,8 +460,8 @@ template <typename T, bool kAxpyFma, bool kMaximize, bool kEpsInsideSqrt, typena
 inline void sparse_update_element(M& p, M g, M& s, M neg_clr, M eps) {
   if constexpr (kMaximize) g = -g;
   s = T::round(s + T::round(g * g));
-  const M denom = kEpsInsideSqrt ? T::round(sqrt_(T::round(s + eps)))
-                                 : T::round(T::round(sqrt_(s)) + eps);
+  const M denom = kEpsInsideSqrt ? T::rounded_sqrt(T::round(s + eps))
+                                 : T::round(T::rounded_sqrt(s) + eps);
   const M q = T::round(g / denom);
   if constexpr (kAxpyFma) {
     p = fma_always(neg_clr, q, p);

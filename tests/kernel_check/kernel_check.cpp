@@ -8,6 +8,7 @@
 //       overflow, every float with 16 low zero bits, NaNs), against round-to-nearest-even onto
 //       the format's grid computed in double; a NaN stores as a NaN (half: of the same sign;
 //       bfloat16: 0x7fc0) and rounds to a NaN; hyper() of doubles rounds through float;
+//       rounded_sqrt() of all 65 536 bit patterns is round() of the float square root;
 //   (c) update_range (dense element-wise Adagrad) for float32, float64, float16 and bfloat16,
 //       every option combination, slices of odd sizes and ranges that split them, three steps,
 //       against a scalar reference of the arithmetic documented above update_element in
@@ -273,6 +274,23 @@ void check_hyper(const Format& f, uint64_t* count) {
           got, want);
   }
   *count += xs.size();
+}
+
+// rounded_sqrt(x): round(sqrt(x)) for every x of the format (the kernel computes it in cheaper
+// ways); a NaN stays a NaN.
+template <typename T>
+void check_rounded_sqrt(const Format& f) {
+  for (uint32_t h = 0; h <= 0xffffu; ++h) {
+    const double x = decode(f, static_cast<uint16_t>(h));
+    const float got = T::rounded_sqrt(T::load(static_cast<uint16_t>(h)));
+    const double want = round_to(f, std::sqrt(static_cast<float>(x)));
+    if (std::isnan(want)) {
+      CHECK(std::isnan(got), "%s rounded_sqrt of 0x%04x: %a, want a NaN", f.name, h, got);
+    } else {
+      CHECK(bits(got) == bits(static_cast<float>(want)), "%s rounded_sqrt of 0x%04x: %a, want %a",
+            f.name, h, got, want);
+    }
+  }
 }
 
 // ---- reference arithmetic for the updates ---------------------------------------------------
@@ -657,6 +675,10 @@ int main(int argc, char** argv) {
     check_hyper<BF16>(kBFloat16, &hyper_count);
   });
   std::printf("      %llu doubles\n", static_cast<unsigned long long>(hyper_count));
+  section("(b) half and bfloat16 rounded_sqrt(), all 65536 patterns", [] {
+    check_rounded_sqrt<F16>(kHalf);
+    check_rounded_sqrt<BF16>(kBFloat16);
+  });
 
   for (const Kernel& kernel : kernels()) {
     char name[160];
