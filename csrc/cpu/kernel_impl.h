@@ -391,13 +391,30 @@ void update_run(typename T::S* __restrict param, const typename T::S* __restrict
   int64_t i = 0;
   if constexpr (VectorOf<T>::kExists) {
     using V = typename VectorOf<T>::V;
-    const auto v_neg_clr = V::broadcast(neg_clr), v_wd = V::broadcast(weight_decay),
-               v_eps = V::broadcast(eps);
-    for (; i + V::kWidth <= n; i += V::kWidth) {
-      const auto p = V::load(param + i);
-      const auto g = decayed_grad<V, kMaximize, kWeightDecay>(p, V::load(grad + i), v_wd);
-      const auto s = V::store_round(sum + i, fmadd(g, g, V::load(sum + i)));
-      V::store(param + i, p + (v_neg_clr * g) / denominator<V, kEpsInsideSqrt>(s, v_eps));
+    using VM = typename V::M;
+    const VM v_neg_clr = V::broadcast(neg_clr), v_wd = V::broadcast(weight_decay),
+             v_eps = V::broadcast(eps);
+    // Blocks of up to kBlock vectors in two passes: the sums and the update's two operands, then
+    // the params. In one pass each vector is one long chain of dependent latency (roundings,
+    // sqrt, division) and too few vectors were in flight: two passes are 10-15 % faster on Zen 4
+    // (AVX2 and AVX-512, float16 and bfloat16; 8 vectors a block were slower, 32 no faster).
+    constexpr int64_t kBlock = 16;
+    VM numer[kBlock], denom[kBlock];
+    while (i + V::kWidth <= n) {
+      const int64_t vectors = (n - i) / V::kWidth < kBlock ? (n - i) / V::kWidth : kBlock;
+      for (int64_t b = 0; b < vectors; ++b) {
+        const int64_t j = i + b * V::kWidth;
+        const VM g = decayed_grad<V, kMaximize, kWeightDecay>(V::load(param + j),
+                                                              V::load(grad + j), v_wd);
+        const VM s = V::store_round(sum + j, fmadd(g, g, V::load(sum + j)));
+        numer[b] = v_neg_clr * g;
+        denom[b] = denominator<V, kEpsInsideSqrt>(s, v_eps);
+      }
+      for (int64_t b = 0; b < vectors; ++b) {
+        const int64_t j = i + b * V::kWidth;
+        V::store(param + j, V::load(param + j) + numer[b] / denom[b]);
+      }
+      i += vectors * V::kWidth;
     }
   }
   for (; i < n; ++i) {

@@ -441,14 +441,15 @@ void ref_update(typename R::S& p_s, typename R::S g_s, typename R::S& s_s, doubl
 template <typename R>
 void check_dense(const Kernel& kernel, int* cases) {
   using S = typename R::S;
-  // Odd sizes: never a multiple of a vector width, some longer than 16 lanes.
-  const std::vector<int64_t> sizes = {1, 3, 17, 31, 7, 63, 129, 5};
-  const double neg_clrs[] = {-0.01, -0.1, -0.0123456789, -1.0, -0.003, -0.5, -0.07, -0.2};
+  // Odd sizes: never a multiple of a vector width, some longer than 16 lanes, one longer than
+  // two of update_run's blocks of vectors (up to 16 x 32 elements).
+  const std::vector<int64_t> sizes = {1, 3, 17, 31, 7, 63, 129, 5, 1031};
+  const double neg_clrs[] = {-0.01, -0.1, -0.0123456789, -1.0, -0.003, -0.5, -0.07, -0.2, -0.04};
   std::vector<int64_t> ends;
   int64_t total = 0;
   for (int64_t n : sizes) ends.push_back(total += n);
   // Thread-like partitions of [0, total): whole, and cut inside slices.
-  const std::vector<std::vector<int64_t>> cuts = {{0, total}, {0, 10, 100, 101, total}};
+  const std::vector<std::vector<int64_t>> cuts = {{0, total}, {0, 10, 100, 101, 700, total}};
   const double eps = R::kDtype == Dtype::Half ? 1e-4 : 1e-10;  // 1e-10 is 0 in half
   for (int variant = 0; variant < 8; ++variant) {
     const bool maximize = variant & 4, wd_on = variant & 2, inside = variant & 1;
