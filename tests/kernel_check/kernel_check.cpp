@@ -8,11 +8,12 @@
 //       overflow, every float with 16 low zero bits, NaNs), against round-to-nearest-even onto
 //       the format's grid computed in double; a NaN stores as a NaN (half: of the same sign;
 //       bfloat16: 0x7fc0) and rounds to a NaN; hyper() of doubles rounds through float;
+//       rounded_sqrt() of all 65 536 bit patterns is round() of the float square root;
 //   (c) update_range (dense element-wise Adagrad) for float32, float64, float16 and bfloat16,
 //       every option combination, slices of odd sizes and ranges that split them, three steps,
 //       against a scalar reference of the arithmetic documented above update_element in
 //       kernel_impl.h, bitwise;
-//   (d) sparse_update_range and rowwise_update_range on tiny cases against plain scalar loops;
+//   (d) sparse_update_range and rowwise_update_range on small cases against plain scalar loops;
 //   (e) unscale (GradScaler's grad / scale) for every dtype, power-of-two scales and others,
 //       against the division rounded to the dtype, bitwise.
 // (c) to (e) run on every kernel this binary has and this CPU runs: base (kernel_base.cpp, as
@@ -277,6 +278,23 @@ void check_hyper(const Format& f, uint64_t* count) {
   *count += xs.size();
 }
 
+// rounded_sqrt(x): round(sqrt(x)) for every x of the format (the kernel computes it in cheaper
+// ways); a NaN stays a NaN.
+template <typename T>
+void check_rounded_sqrt(const Format& f) {
+  for (uint32_t h = 0; h <= 0xffffu; ++h) {
+    const double x = decode(f, static_cast<uint16_t>(h));
+    const float got = T::rounded_sqrt(T::load(static_cast<uint16_t>(h)));
+    const double want = round_to(f, std::sqrt(static_cast<float>(x)));
+    if (std::isnan(want)) {
+      CHECK(std::isnan(got), "%s rounded_sqrt of 0x%04x: %a, want a NaN", f.name, h, got);
+    } else {
+      CHECK(bits(got) == bits(static_cast<float>(want)), "%s rounded_sqrt of 0x%04x: %a, want %a",
+            f.name, h, got, want);
+    }
+  }
+}
+
 // ---- reference arithmetic for the updates ---------------------------------------------------
 // Storage S and math type M of each dtype, as the kernel's contract says: half and bfloat16
 // compute in float and are rounded (reference rounding above) where torch stores a tensor.
@@ -426,14 +444,15 @@ void ref_update(typename R::S& p_s, typename R::S g_s, typename R::S& s_s, doubl
 template <typename R>
 void check_dense(const Kernel& kernel, int* cases) {
   using S = typename R::S;
-  // Odd sizes: never a multiple of a vector width, some longer than 16 lanes.
-  const std::vector<int64_t> sizes = {1, 3, 17, 31, 7, 63, 129, 5};
-  const double neg_clrs[] = {-0.01, -0.1, -0.0123456789, -1.0, -0.003, -0.5, -0.07, -0.2};
+  // Odd sizes: never a multiple of a vector width, some longer than 16 lanes, one longer than
+  // two of update_run's blocks of vectors (up to 16 x 32 elements).
+  const std::vector<int64_t> sizes = {1, 3, 17, 31, 7, 63, 129, 5, 1031};
+  const double neg_clrs[] = {-0.01, -0.1, -0.0123456789, -1.0, -0.003, -0.5, -0.07, -0.2, -0.04};
   std::vector<int64_t> ends;
   int64_t total = 0;
   for (int64_t n : sizes) ends.push_back(total += n);
   // Thread-like partitions of [0, total): whole, and cut inside slices.
-  const std::vector<std::vector<int64_t>> cuts = {{0, total}, {0, 10, 100, 101, total}};
+  const std::vector<std::vector<int64_t>> cuts = {{0, total}, {0, 10, 100, 101, 700, total}};
   const double eps = R::kDtype == Dtype::Half ? 1e-4 : 1e-10;  // 1e-10 is 0 in half
   for (int variant = 0; variant < 8; ++variant) {
     const bool maximize = variant & 4, wd_on = variant & 2, inside = variant & 1;
@@ -491,7 +510,8 @@ template <typename R>
 void check_sparse(const Kernel& kernel, int* cases) {
   using S = typename R::S;
   using M = typename R::M;
-  constexpr int64_t n = 5, table_rows = 6;
+  // Rows of 37 elements: a vector of each lane type (up to 32 elements) and a tail.
+  constexpr int64_t n = 37, table_rows = 6;
   const std::vector<int64_t> grad_rows = {3, 1, 3, 0, 3};  // row 3 three times
   // Value rows sorted by table row, ties in grad order; distinct rows 0, 1, 3.
   const std::vector<int64_t> order = {3, 1, 0, 2, 4}, segments = {0, 1, 2, 5}, rows = {0, 1, 3};
@@ -618,7 +638,8 @@ void check_rowwise(const Kernel& kernel, int* cases) {
 // ---- (e) unscaling ---------------------------------------------------------------------------
 // grad = round(grad / scale) in the math type, for scales that the kernel multiplies by the
 // reciprocal of (powers of two with a normal reciprocal) and those it divides by (any other,
-// 2^127 and 2^-149 among them), over grads from subnormal to overflow, zeros, infs and NaNs.
+// 2^127 and 2^-149 among them), over grads from subnormal to overflow, zeros, infs and NaNs;
+// and a NaN scale with a payload bfloat16 cannot hold, which must make every grad a NaN.
 template <typename R>
 void check_unscale(const Kernel& kernel, int* cases) {
   using S = typename R::S;
@@ -644,6 +665,17 @@ void check_unscale(const Kernel& kernel, int* cases) {
       ++*cases;
     }
   }
+  float nan_scale;
+  const uint32_t nan_bits = 0x7fffffffu;  // rounding it to bfloat16 carries out of the NaN
+  std::memcpy(&nan_scale, &nan_bits, sizeof nan_scale);
+  std::vector<S> g(33, R::store(static_cast<M>(1.5)));
+  kernel.unscale(R::kDtype, g.data(), static_cast<int64_t>(g.size()), nan_scale);
+  for (size_t i = 0; i < g.size(); ++i) {
+    const M x = R::load(g[i]);
+    CHECK(x != x, "%s, %s, NaN scale: grad[%zu] bits 0x%llx, want a NaN", kernel.name, R::kName,
+          i, show(g[i]));
+  }
+  ++*cases;
 }
 
 template <typename Fn>
@@ -690,6 +722,10 @@ int main(int argc, char** argv) {
     check_hyper<BF16>(kBFloat16, &hyper_count);
   });
   std::printf("      %llu doubles\n", static_cast<unsigned long long>(hyper_count));
+  section("(b) half and bfloat16 rounded_sqrt(), all 65536 patterns", [] {
+    check_rounded_sqrt<F16>(kHalf);
+    check_rounded_sqrt<BF16>(kBFloat16);
+  });
 
   for (const Kernel& kernel : kernels()) {
     char name[160];
@@ -703,7 +739,7 @@ int main(int argc, char** argv) {
     std::snprintf(name, sizeof name, "(d) rowwise_update_range, %s kernel, 4 dtypes x 8 option sets",
                   kernel.name);
     section(name, [&] { for_each_dtype([&](auto r) { check_rowwise<decltype(r)>(kernel, &cases); }); });
-    std::snprintf(name, sizeof name, "(e) unscale, %s kernel, 4 dtypes x 9 scales", kernel.name);
+    std::snprintf(name, sizeof name, "(e) unscale, %s kernel, 4 dtypes x 9 scales and a NaN", kernel.name);
     section(name, [&] { for_each_dtype([&](auto r) { check_unscale<decltype(r)>(kernel, &cases); }); });
   }
 
