@@ -338,25 +338,38 @@ inline M decayed_grad(M p, M g, M weight_decay) {
 }
 
 // sqrt(sum), or sqrt(sum + eps) with eps inside, rounded, from the new sum s (already rounded
-// to the storage type).
-template <typename T, bool kEpsInsideSqrt, typename M>
+// to the storage type). kEpsZero: eps is 0 in the storage type (float16's default: 1e-10
+// rounds to 0), so s + eps is s (or +0 for -0), already on the storage type's grid, and its
+// rounding can be skipped: the same bits for one conversion fewer.
+template <typename T, bool kEpsInsideSqrt, bool kEpsZero = false, typename M>
 inline M rounded_root(M s, M eps) {
   if constexpr (kEpsInsideSqrt) {
-    return T::rounded_sqrt(T::round(s + eps));
+    return T::rounded_sqrt(kEpsZero ? s + eps : T::round(s + eps));
   } else {
     return T::rounded_sqrt(s);
   }
 }
 
-// std, from rounded_root's value.
-template <typename T, bool kEpsInsideSqrt, typename M>
+// std, from rounded_root's value (on the storage type's grid, hence kEpsZero as above).
+template <typename T, bool kEpsInsideSqrt, bool kEpsZero = false, typename M>
 inline M denominator(M root, M eps) {
   if constexpr (kEpsInsideSqrt) {
     return root;
   } else {
-    return T::round(root + eps);
+    return kEpsZero ? root + eps : T::round(root + eps);
   }
 }
+
+// Whether update_run has variants for an eps that is 0 in the storage type: for float16, where
+// the default eps is, and a rounding costs the most (float and double round for free).
+template <typename T>
+struct HasZeroEpsVariants {
+  static constexpr bool kValue = false;
+};
+template <>
+struct HasZeroEpsVariants<F16> {
+  static constexpr bool kValue = true;
+};
 
 // The order of operations is torch's single-tensor path:
 //   g = maximize ? -grad : grad;  g = g + wd * p  (fmadd);  sum = sum + g * g  (fmadd);
@@ -371,12 +384,13 @@ inline M denominator(M root, M eps) {
 // std) as a tensor of the param's dtype; T::round does the same in registers, so the numbers
 // match torch's while the arithmetic between the roundings is float. The vector loop of
 // update_run takes the same steps (decayed_grad, the sum, rounded_root, denominator, p).
-template <typename T, bool kMaximize, bool kWeightDecay, bool kEpsInsideSqrt, typename M>
+template <typename T, bool kMaximize, bool kWeightDecay, bool kEpsInsideSqrt, bool kEpsZero,
+          typename M>
 inline void update_element(M& p, M g, M& s, M neg_clr, M weight_decay, M eps) {
   g = decayed_grad<T, kMaximize, kWeightDecay>(p, g, weight_decay);
   s = T::round(fmadd(g, g, s));
-  const M root = rounded_root<T, kEpsInsideSqrt>(s, eps);
-  p = p + (neg_clr * g) / denominator<T, kEpsInsideSqrt>(root, eps);
+  const M root = rounded_root<T, kEpsInsideSqrt, kEpsZero>(s, eps);
+  p = p + (neg_clr * g) / denominator<T, kEpsInsideSqrt, kEpsZero>(root, eps);
 }
 
 // A storage type whose loops run on hand-written vectors first (the rest, element by element).
@@ -400,7 +414,7 @@ struct VectorOf<BF16> {
 };
 #endif
 
-template <typename T, bool kMaximize, bool kWeightDecay, bool kEpsInsideSqrt>
+template <typename T, bool kMaximize, bool kWeightDecay, bool kEpsInsideSqrt, bool kEpsZero>
 void update_run(typename T::S* __restrict param, const typename T::S* __restrict grad,
                 typename T::S* __restrict sum, int64_t n, typename T::M neg_clr,
                 typename T::M weight_decay, typename T::M eps) {
@@ -426,11 +440,11 @@ void update_run(typename T::S* __restrict param, const typename T::S* __restrict
                                                               V::load(grad + j), v_wd);
         const VM s = V::store_round(sum + j, fmadd(g, g, V::load(sum + j)));
         numer[b] = v_neg_clr * g;
-        root[b] = rounded_root<V, kEpsInsideSqrt>(s, v_eps);
+        root[b] = rounded_root<V, kEpsInsideSqrt, kEpsZero>(s, v_eps);
       }
       for (int64_t b = 0; b < vectors; ++b) {
         const int64_t j = i + b * V::kWidth;
-        const VM denom = denominator<V, kEpsInsideSqrt>(root[b], v_eps);
+        const VM denom = denominator<V, kEpsInsideSqrt, kEpsZero>(root[b], v_eps);
         V::store(param + j, V::load(param + j) + numer[b] / denom);
       }
       i += vectors * V::kWidth;
@@ -438,10 +452,25 @@ void update_run(typename T::S* __restrict param, const typename T::S* __restrict
   }
   for (; i < n; ++i) {
     M p = T::load(param[i]), s = T::load(sum[i]);
-    update_element<T, kMaximize, kWeightDecay, kEpsInsideSqrt>(p, T::load(grad[i]), s, neg_clr,
-                                                                weight_decay, eps);
+    update_element<T, kMaximize, kWeightDecay, kEpsInsideSqrt, kEpsZero>(
+        p, T::load(grad[i]), s, neg_clr, weight_decay, eps);
     sum[i] = RoundedStore<T>::store(s);
     param[i] = T::store(p);
+  }
+}
+
+template <typename T, bool kEpsZero>
+void update_variant(int variant, typename T::S* p, const typename T::S* g, typename T::S* s,
+                    int64_t n, typename T::M neg_clr, typename T::M wd, typename T::M eps) {
+  switch (variant) {
+    case 0: return update_run<T, false, false, false, kEpsZero>(p, g, s, n, neg_clr, wd, eps);
+    case 1: return update_run<T, false, false, true, kEpsZero>(p, g, s, n, neg_clr, wd, eps);
+    case 2: return update_run<T, false, true, false, kEpsZero>(p, g, s, n, neg_clr, wd, eps);
+    case 3: return update_run<T, false, true, true, kEpsZero>(p, g, s, n, neg_clr, wd, eps);
+    case 4: return update_run<T, true, false, false, kEpsZero>(p, g, s, n, neg_clr, wd, eps);
+    case 5: return update_run<T, true, false, true, kEpsZero>(p, g, s, n, neg_clr, wd, eps);
+    case 6: return update_run<T, true, true, false, kEpsZero>(p, g, s, n, neg_clr, wd, eps);
+    default: return update_run<T, true, true, true, kEpsZero>(p, g, s, n, neg_clr, wd, eps);
   }
 }
 
@@ -457,16 +486,10 @@ void update_slice(const Update& u, const Slice& slice, int64_t offset, int64_t n
   const M eps = T::hyper(u.eps);
   const bool wd_on = u.weight_decay != 0;  // torch skips the term entirely at 0 (-0.0, inf*0)
   const int variant = (u.maximize ? 4 : 0) | (wd_on ? 2 : 0) | (u.eps_inside_sqrt ? 1 : 0);
-  switch (variant) {
-    case 0: return update_run<T, false, false, false>(p, g, s, n, neg_clr, wd, eps);
-    case 1: return update_run<T, false, false, true>(p, g, s, n, neg_clr, wd, eps);
-    case 2: return update_run<T, false, true, false>(p, g, s, n, neg_clr, wd, eps);
-    case 3: return update_run<T, false, true, true>(p, g, s, n, neg_clr, wd, eps);
-    case 4: return update_run<T, true, false, false>(p, g, s, n, neg_clr, wd, eps);
-    case 5: return update_run<T, true, false, true>(p, g, s, n, neg_clr, wd, eps);
-    case 6: return update_run<T, true, true, false>(p, g, s, n, neg_clr, wd, eps);
-    default: return update_run<T, true, true, true>(p, g, s, n, neg_clr, wd, eps);
+  if constexpr (HasZeroEpsVariants<T>::kValue) {
+    if (eps == 0) return update_variant<T, true>(variant, p, g, s, n, neg_clr, wd, eps);
   }
+  return update_variant<T, false>(variant, p, g, s, n, neg_clr, wd, eps);
 }
 
 template <typename T>

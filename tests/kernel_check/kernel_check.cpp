@@ -325,7 +325,12 @@ struct RefHalfLike {
   static constexpr Dtype kDtype = D;
   static constexpr const char* kName = F.name;
   static M load(S x) { return static_cast<float>(decode(F, x)); }
-  static S store(M x) { return encode(F, round_to(F, x)); }
+  // A NaN (0 / 0 when eps is 0 in the dtype) as the kernels store one: the quiet NaN with its
+  // sign for half, 0x7fc0 for bfloat16 (see check_store).
+  static S store(M x) {
+    if (x != x) return F.exp_bits == 5 ? (std::signbit(x) ? 0xfe00 : 0x7e00) : 0x7fc0;
+    return encode(F, round_to(F, x));
+  }
   static M round(M x) { return static_cast<float>(round_to(F, x)); }
   // torch turns a double hyperparameter into c10::Half / c10::BFloat16 through float.
   static M hyper(double x) { return round(static_cast<float>(x)); }
@@ -453,49 +458,53 @@ void check_dense(const Kernel& kernel, int* cases) {
   for (int64_t n : sizes) ends.push_back(total += n);
   // Thread-like partitions of [0, total): whole, and cut inside slices.
   const std::vector<std::vector<int64_t>> cuts = {{0, total}, {0, 10, 100, 101, 700, total}};
-  const double eps = R::kDtype == Dtype::Half ? 1e-4 : 1e-10;  // 1e-10 is 0 in half
-  for (int variant = 0; variant < 8; ++variant) {
-    const bool maximize = variant & 4, wd_on = variant & 2, inside = variant & 1;
-    const double wd = wd_on ? 0.05 : 0.0;
-    for (size_t c = 0; c < cuts.size(); ++c) {
-      Random rng{0x1234u + static_cast<uint64_t>(variant) * 131 + c};
-      // Kernel state (k_*) and reference state (r_*), one array per slice.
-      std::vector<std::vector<S>> kp, kg, ks, rp, rs;
-      for (int64_t n : sizes) {
-        std::vector<S> p(n), g(n), s(n);
-        for (int64_t i = 0; i < n; ++i) {
-          p[i] = R::store(static_cast<typename R::M>(rng.spread(-6, 1)));
-          g[i] = R::store(static_cast<typename R::M>(rng.spread(-13, 2)));
-          s[i] = R::store(static_cast<typename R::M>(rng.spread(-12, 1, true)));
-        }
-        kp.push_back(p), kg.push_back(g), ks.push_back(s), rp.push_back(p), rs.push_back(s);
-      }
-      std::vector<Slice> slices;
-      for (size_t k = 0; k < sizes.size(); ++k) {
-        slices.push_back({kp[k].data(), kg[k].data(), ks[k].data(), neg_clrs[k]});
-      }
-      const Update u{slices.data(), ends.data(), static_cast<int64_t>(sizes.size()), R::kDtype,
-                     wd, eps, maximize, inside};
-      for (int step = 1; step <= 3; ++step) {
-        for (size_t j = 0; j + 1 < cuts[c].size(); ++j) kernel.update(u, cuts[c][j], cuts[c][j + 1]);
-        for (size_t k = 0; k < sizes.size(); ++k) {
-          for (int64_t i = 0; i < sizes[k]; ++i) {
-            ref_update<R>(rp[k][i], kg[k][i], rs[k][i], neg_clrs[k], wd, eps, maximize, inside,
-                          kernel.fma);
+  // For half also 1e-4: 1e-10 is 0 in half, which takes update_run's zero-eps variants.
+  std::vector<double> eps_values = {1e-10};
+  if (R::kDtype == Dtype::Half) eps_values.push_back(1e-4);
+  for (const double eps : eps_values) {
+    for (int variant = 0; variant < 8; ++variant) {
+      const bool maximize = variant & 4, wd_on = variant & 2, inside = variant & 1;
+      const double wd = wd_on ? 0.05 : 0.0;
+      for (size_t c = 0; c < cuts.size(); ++c) {
+        Random rng{0x1234u + static_cast<uint64_t>(variant) * 131 + c};
+        // Kernel state (k_*) and reference state (r_*), one array per slice.
+        std::vector<std::vector<S>> kp, kg, ks, rp, rs;
+        for (int64_t n : sizes) {
+          std::vector<S> p(n), g(n), s(n);
+          for (int64_t i = 0; i < n; ++i) {
+            p[i] = R::store(static_cast<typename R::M>(rng.spread(-6, 1)));
+            g[i] = R::store(static_cast<typename R::M>(rng.spread(-13, 2)));
+            s[i] = R::store(static_cast<typename R::M>(rng.spread(-12, 1, true)));
           }
+          kp.push_back(p), kg.push_back(g), ks.push_back(s), rp.push_back(p), rs.push_back(s);
         }
-        char context[200];
-        bool ok = true;
-        for (size_t k = 0; k < sizes.size() && ok; ++k) {
-          std::snprintf(context, sizeof context,
-                        "%s kernel, %s, maximize=%d weight_decay=%g eps_inside_sqrt=%d, "
-                        "partition %zu, step %d, slice %zu (%lld elements)",
-                        kernel.name, R::kName, maximize, wd, inside, c, step, k,
-                        static_cast<long long>(sizes[k]));
-          ok = same("sum", ks[k], rs[k], context) && same("param", kp[k], rp[k], context);
+        std::vector<Slice> slices;
+        for (size_t k = 0; k < sizes.size(); ++k) {
+          slices.push_back({kp[k].data(), kg[k].data(), ks[k].data(), neg_clrs[k]});
         }
-        ++*cases;
-        if (!ok) break;  // later steps would only repeat the difference
+        const Update u{slices.data(), ends.data(), static_cast<int64_t>(sizes.size()), R::kDtype,
+                       wd, eps, maximize, inside};
+        for (int step = 1; step <= 3; ++step) {
+          for (size_t j = 0; j + 1 < cuts[c].size(); ++j) kernel.update(u, cuts[c][j], cuts[c][j + 1]);
+          for (size_t k = 0; k < sizes.size(); ++k) {
+            for (int64_t i = 0; i < sizes[k]; ++i) {
+              ref_update<R>(rp[k][i], kg[k][i], rs[k][i], neg_clrs[k], wd, eps, maximize, inside,
+                            kernel.fma);
+            }
+          }
+          char context[200];
+          bool ok = true;
+          for (size_t k = 0; k < sizes.size() && ok; ++k) {
+            std::snprintf(context, sizeof context,
+                          "%s kernel, %s, maximize=%d weight_decay=%g eps=%g eps_inside_sqrt=%d, "
+                          "partition %zu, step %d, slice %zu (%lld elements)",
+                          kernel.name, R::kName, maximize, wd, eps, inside, c, step, k,
+                          static_cast<long long>(sizes[k]));
+            ok = same("sum", ks[k], rs[k], context) && same("param", kp[k], rp[k], context);
+          }
+          ++*cases;
+          if (!ok) break;  // later steps would only repeat the difference
+        }
       }
     }
   }
