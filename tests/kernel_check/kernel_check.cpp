@@ -2,7 +2,8 @@
 // builds for any architecture and runs under an emulator (.ci/aarch64.sh runs it natively and as
 // an aarch64 binary under qemu). Every expected value comes from a reference written plainly
 // here, not from the kernel's own helpers:
-//   (a) half and bfloat16 loads of all 65 536 bit patterns, against a decode in double;
+//   (a) half and bfloat16 loads of all 65 536 bit patterns, against a decode in double, and
+//       bfloat16's store_rounded() of them (the bits back);
 //   (b) half and bfloat16 stores and round() of a strided sweep through the 2^32 float bit
 //       patterns plus edge cases (subnormals, every halfway point and its float neighbours,
 //       overflow, every float with 16 low zero bits, NaNs), against round-to-nearest-even onto
@@ -172,6 +173,23 @@ void check_loads(const Format& f) {
     } else {
       CHECK(bits(got) == bits(static_cast<float>(want)), "%s load of 0x%04x: %a, want %a", f.name,
             h, got, want);
+    }
+  }
+}
+
+// store_rounded() (the store of the sums, already rounded) of every value on the grid, as load()
+// gives them: the same bits back; a NaN as store() makes it (half: a NaN of the same sign;
+// bfloat16: 0x7fc0).
+template <typename T>
+void check_rounded_stores(const Format& f) {
+  for (uint32_t h = 0; h <= 0xffffu; ++h) {
+    const uint16_t got = T::store_rounded(T::load(static_cast<uint16_t>(h)));
+    if (std::isnan(decode(f, static_cast<uint16_t>(h)))) {
+      const bool ok = f.exp_bits == 5 ? std::isnan(decode(f, got)) && (got >> 15) == (h >> 15)
+                                      : got == 0x7fc0;
+      CHECK(ok, "%s store_rounded of NaN 0x%04x: 0x%04x", f.name, h, got);
+    } else {
+      CHECK(got == h, "%s store_rounded of 0x%04x: 0x%04x", f.name, h, got);
     }
   }
 }
@@ -716,6 +734,8 @@ int main(int argc, char** argv) {
 
   section("(a) half loads, all 65536 patterns", [] { check_loads<F16>(kHalf); });
   section("(a) bfloat16 loads, all 65536 patterns", [] { check_loads<BF16>(kBFloat16); });
+  section("(a) bfloat16 store_rounded() of all 65536 patterns",
+          [] { check_rounded_stores<BF16>(kBFloat16); });
   uint64_t half_count = 0, bf16_count = 0;
   section("(b) half stores and round()", [&] { check_stores<F16>(kHalf, stride, &half_count); });
   std::printf("      %llu float patterns (stride %u, every halfway point, edge cases)\n",
