@@ -205,7 +205,9 @@ class _FusedAdagradBase(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         if self._step_in_backward:
-            if getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None:
+            scaler_set = (getattr(self, "grad_scale", None) is not None
+                          or getattr(self, "found_inf", None) is not None)
+            if scaler_set:
                 raise RuntimeError(
                     f"{type(self).__name__}: step_in_backward=True cannot be used with "
                     "torch.amp.GradScaler: the params stepped during backward, on grads the scaler "
@@ -264,7 +266,8 @@ class _FusedAdagradBase(Optimizer):
                 found_inf=getattr(self, "found_inf", None),
             )
         except RuntimeError as e:
-            raise RuntimeError(f"{type(self).__name__}: {_with_user_indices(str(e), kept)}") from None
+            message = _with_user_indices(str(e), kept)
+            raise RuntimeError(f"{type(self).__name__}: {message}") from None
         return loss
 
 
