@@ -1,7 +1,7 @@
 """Optimizer step time under FSDP2 (fully_shard): FusedAdagrad against torch.optim.Adagrad on
 DTensor params, 2 gloo ranks on 127.0.0.1 (CPU, one thread per rank).
 
-    python benchmarks/bench_fsdp.py [--layers 48 --width 256] [--iters 30] [--out benchmarks/results]
+    python benchmarks/bench_fsdp.py [--layers 48 --width 256] [--iters 30] [--out DIR]
 
 The model is a stack of Linear layers, each its own fully_shard unit (weight and bias: 2 DTensor
 params per layer). After one backward the grads stay, and `opt.step()` alone is timed, median
@@ -84,7 +84,7 @@ def rank_main(rank, port, layers, width, iters, out):
     dist.barrier()
     dist.destroy_process_group()
     sys.stdout.flush()
-    os._exit(0)  # skips finalization, where gloo's threads may abort (tests/python/test_distributed.py)
+    os._exit(0)  # no finalization, where gloo's threads may abort (see test_distributed.py)
 
 
 def free_port():
@@ -102,8 +102,8 @@ def main():
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         raw_path = os.path.join(tmp, "rank0.json")
-        mp.start_processes(rank_main, args=(free_port(), args.layers, args.width, args.iters, raw_path),
-                           nprocs=WORLD, start_method="spawn")
+        rank_args = (free_port(), args.layers, args.width, args.iters, raw_path)
+        mp.start_processes(rank_main, args=rank_args, nprocs=WORLD, start_method="spawn")
         with open(raw_path) as f:
             results = json.load(f)
 
@@ -111,17 +111,18 @@ def main():
     numel = args.layers * (args.width * args.width + args.width)
     info = fused_adagrad.build_info()
     machine = (f"{os.cpu_count()} cores, {WORLD} gloo ranks with 1 thread each, torch "
-               f"{torch.__version__}, fused-adagrad {info['version']} ({info['cpu_kernel']} kernel)")
+               f"{torch.__version__}, fused-adagrad {info['version']} "
+               f"({info['cpu_kernel']} kernel)")
     ours = results["fused-adagrad"]["sharded"]["ms"]
     rows = []
     for name, r in results.items():
         s, p = r["sharded"], r["plain"]
-        rows.append(f"| {name} | {s['ms']:.2f} ({s['min_ms']:.2f}-{s['max_ms']:.2f}) | {p['ms']:.2f} | "
-                    f"{s['ms'] - p['ms']:.2f} | {s['ms'] / ours:.2f}x |")
+        rows.append(f"| {name} | {s['ms']:.2f} ({s['min_ms']:.2f}-{s['max_ms']:.2f}) | "
+                    f"{p['ms']:.2f} | {s['ms'] - p['ms']:.2f} | {s['ms'] / ours:.2f}x |")
     stamp = datetime.date.today().isoformat()
     command = " ".join(["python benchmarks/bench_fsdp.py", *sys.argv[1:]])
-    header = (f"- Machine: {machine}\n- Model: {args.layers} Linear({args.width}, {args.width}) layers, "
-              f"each fully_shard-ed: {params} DTensor params, {numel / 1e6:.1f} M elements "
+    header = (f"- Machine: {machine}\n- Model: {args.layers} Linear({args.width}, {args.width}) "
+              f"layers, each fully_shard-ed: {params} DTensor params, {numel / 1e6:.1f} M elements "
               f"({numel / WORLD / 1e6:.1f} M per rank), float32\n"
               f"- Timed: opt.step() on rank 0, {args.iters} iterations\n- Date: {stamp}\n"
               f"- Command: {command}\n")

@@ -293,8 +293,8 @@ class FusedAdagrad(_FusedAdagradBase):
       grad accumulation over several backwards), and a failing param raises from backward.
     * ``share_memory()`` as torch.optim.Adagrad's.
     * Under ``torch.amp.GradScaler`` the step unscales the grads itself, in its own pass (as
-      torch's ``fused=True`` does, and with the same numbers): ``scaler.step(opt)`` runs no
-      separate unscaling pass. A step the scaler finds infs for changes nothing (no param, sum,
+      torch's ``fused=True`` does, and with the same numbers): ``scaler.step(opt)`` hands it
+      the scale instead of unscaling the grads first (it still checks them for infs). A step the scaler finds infs for changes nothing (no param, sum,
       step count or grad); any other step leaves the unscaled grads in ``.grad``, as
       ``fused=True`` does. (``step_in_backward=True`` cannot be combined with a GradScaler: its
       steps run during backward, before the scaler has looked at the grads.)
