@@ -1,14 +1,14 @@
 // The Adagrad element update, written once. Included by kernel_{base,avx2,avx512}.cpp after
 // each selects its ISA with `#pragma GCC target`; the compiler vectorizes the loop for that ISA
 // (float16 and bfloat16 get hand-written vectors in the x86 SIMD builds, see F16Lanes and
-// BF16Lanes).
+// BF16Lanes, and float16 in the portable x86-64 build, see F16Quad).
 // Everything here has internal linkage and uses builtins and intrinsics, not std:: templates, so
 // no function compiled for AVX-512 can be merged by the linker into the code path of an older CPU.
 // The build passes -ffp-contract=off (no FMA unless written) and -fno-math-errno (lets sqrt
 // vectorize).
 
-// Included after `kernel.h` and <cstdint>, <cstring> (and <immintrin.h> where KERNEL_F16_LANES)
-// by the including file, before its pragma.
+// Included after `kernel.h` and <cstdint>, <cstring> (and <immintrin.h> where KERNEL_F16_LANES,
+// <emmintrin.h> in the portable x86-64 build) by the including file, before its pragma.
 namespace fused_adagrad::cpu::KERNEL_NAMESPACE {
 namespace {
 
@@ -47,11 +47,23 @@ inline FloatLanes widen(HalfLanes h) { return _mm256_cvtph_ps(h); }
 inline HalfLanes narrow(FloatLanes v) { return _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT); }
 inline HalfLanes load_halves(const void* x) { return _mm_loadu_si128(static_cast<const HalfLanes*>(x)); }
 inline void store_halves(void* x, HalfLanes h) { _mm_storeu_si128(static_cast<HalfLanes*>(x), h); }
+#elif !defined(__aarch64__) && defined(__SSE2__)
+// The portable x86-64 build: SSE2's four floats, for F16Quad (its baseline converts no halves).
+#define KERNEL_F16_QUADS 1
+#if KERNEL_HAS_FMA
+#error "x86-64's baseline has no FMA"
 #endif
-#if KERNEL_F16_LANES
+typedef float FloatLanes __attribute__((vector_size(16)));
+inline FloatLanes fmadd(FloatLanes a, FloatLanes b, FloatLanes c) { return a * b + c; }
+inline FloatLanes sqrt_(FloatLanes x) { return __builtin_ia32_sqrtps(x); }
+inline FloatLanes splat(float x) { return FloatLanes{} + x; }
+#endif
+#if KERNEL_F16_LANES || KERNEL_F16_QUADS
+#define KERNEL_HAS_LANES 1
 // FloatLanes as 32-bit and as 16-bit integers, for bit arithmetic in any width (vector
 // extensions: an operator acts lane by lane, a scalar operand on every lane).
 typedef uint32_t BitLanes __attribute__((vector_size(sizeof(FloatLanes))));
+typedef int32_t SignedLanes __attribute__((vector_size(sizeof(FloatLanes))));
 typedef int16_t HalfwordLanes __attribute__((vector_size(sizeof(FloatLanes))));
 #endif
 
@@ -97,10 +109,33 @@ inline uint32_t bits_of_float(float f) {
   std::memcpy(&bits, &f, sizeof bits);
   return bits;
 }
-#if KERNEL_F16_LANES
+#if KERNEL_HAS_LANES
 inline FloatLanes float_from_bits(BitLanes bits) { return (FloatLanes)bits; }
 inline BitLanes bits_of_float(FloatLanes f) { return (BitLanes)f; }
 #endif
+// The float (lanes) of these bits, and the other way.
+template <typename Bits>
+using FloatOf = decltype(float_from_bits(Bits{}));
+template <typename Float>
+using BitsOf = decltype(bits_of_float(Float{}));
+// All ones where a > b, else 0, for a uint32_t or lane by lane. Signed: the values compared are
+// below 2^31, and SSE2, the portable build's x86 target, has no unsigned 32-bit compare (it
+// emulates one in several instructions).
+inline uint32_t mask_greater(uint32_t a, int32_t b) {
+  return 0u - static_cast<uint32_t>(static_cast<int32_t>(a) > b);
+}
+inline uint32_t shift_right_signed(uint32_t a, int bits) {
+  return static_cast<uint32_t>(static_cast<int32_t>(a) >> bits);
+}
+#if KERNEL_HAS_LANES
+inline BitLanes mask_greater(BitLanes a, int32_t b) { return (BitLanes)((SignedLanes)a > b); }
+inline BitLanes shift_right_signed(BitLanes a, int bits) { return (BitLanes)((SignedLanes)a >> bits); }
+#endif
+// a where mask is all ones, b where it is 0 (a or b may be a scalar, for every lane).
+template <typename Bits, typename A, typename B>
+inline Bits select(Bits mask, A a, B b) {
+  return (mask & a) | (~mask & b);
+}
 // The bits of a float (or of lanes of them) with the low kBits rounded off, to nearest even: a
 // carry out of the mantissa moves to the exponent, as it should.
 template <int kBits, typename Bits>
@@ -141,76 +176,99 @@ struct F16 {
 // IEEE binary16 (c10::Half) by integer and float arithmetic only, with no branches, so the loop
 // vectorizes on every build. (GCC 12 turns _Float16 conversions into libgcc calls unless the
 // CPU has AVX512-FP16, and F16C intrinsics would not exist on the portable build: either way
-// the step ran 10x slower than fp32.)
+// the step ran 10x slower than fp32.) The members take a float and its uint32_t bits, or
+// FloatLanes and BitLanes: F16Quad runs this same code on vectors.
 struct F16 {
   static constexpr bool kFmaWeightDecay = true;
   using S = uint16_t;  // bit pattern of c10::Half
   using M = float;
-  static M load(S h) {
-    const uint32_t sign = (static_cast<uint32_t>(h) & 0x8000u) << 16;
-    const uint32_t magnitude = static_cast<uint32_t>(h) & 0x7fffu;
+  // The value of the half in the low 16 bits of h (the high bits 0).
+  template <typename Bits>
+  static FloatOf<Bits> decode(Bits h) {
+    const Bits sign = (h & 0x8000u) << 16;
+    const Bits magnitude = h & 0x7fffu;
     // Normal, inf and NaN: exponent and mantissa move to a float's place; adding 224 to the
     // exponent field and scaling by 2^-112 rebiases it (15 -> 127) and maps 31 to 255.
-    const float normal = float_from_bits((magnitude << 13) + (224u << 23)) * 0x1p-112f;
+    const auto normal = float_from_bits((magnitude << 13) + (224u << 23)) * 0x1p-112f;
     // Subnormal (exponent 0): m * 2^-24, got exactly as (0.5 + m * 2^-24) - 0.5.
-    const float subnormal = float_from_bits(magnitude | (126u << 23)) - 0.5f;
+    const auto subnormal = float_from_bits(magnitude | (126u << 23)) - 0.5f;
     // A select by mask, not `?:`: GCC would move each float operation into its branch, and
     // then not vectorize the loop (a float operation may trap, so it is not run unasked; the
     // 10x slower portable float16 step of issue 13).
-    const uint32_t is_subnormal =  // signed, as in bias()
-        0u - static_cast<uint32_t>(static_cast<int32_t>(magnitude) < 0x0400);
-    return float_from_bits(sign | (bits_of_float(subnormal) & is_subnormal) |
-                           (bits_of_float(normal) & ~is_subnormal));
+    return float_from_bits(sign | select(mask_greater(magnitude, 0x03ff), bits_of_float(normal),
+                                         bits_of_float(subnormal)));
   }
-  // Round to nearest even, overflow to inf, NaN to the quiet NaN 0x7e00 with its sign.
-  static S store(M f) {
-    const uint32_t bits = bits_of_float(f);
-    const uint32_t sign = (bits >> 16) & 0x8000u;
-    const uint32_t magnitude = bits & 0x7fffffffu;
-    const uint32_t sum = bits_of_float(rounded_sum(magnitude));
-    // The sum's exponent field, mod 32, is the half's exponent minus one; the mantissa's
-    // leading 1 (bit 10) adds that one back, and a rounding carry propagates on its own.
-    const uint32_t half = ((sum >> 13) & 0x7c00u) + (sum & 0x0fffu);
-    const uint32_t is_nan =  // signed, as in bias()
-        0u - static_cast<uint32_t>(static_cast<int32_t>(magnitude) > 0x7f800000);
-    return static_cast<S>(sign | (0x7e00u & is_nan) | (half & ~is_nan));
+  // The half's bits in the low 16 bits, and copies of its sign above: round to nearest even,
+  // overflow to inf, NaN to the quiet NaN 0x7e00 with its sign.
+  template <typename Float>
+  static BitsOf<Float> encode(Float f) {
+    const auto bits = bits_of_float(f);
+    const Float scaled = scaled_magnitude(bits);
+    return half_bits(bits, bias(scaled) + scaled);
   }
   // load(store(x)) without leaving float, for the intermediates torch rounds to half: fewer
   // operations than a store and a load, and the step rounds up to four times per element.
-  static M round(M f) {
-    const uint32_t bits = bits_of_float(f);
-    const uint32_t magnitude = bits & 0x7fffffffu;
-    // Exact: the rounded 4|f| has at most 11 significant bits. Scaling it by 2^110 and then by
-    // 2^-112 is the division by 4 that also makes 65536 (what 65520 <= |f| < 65536 round to)
-    // inf, as a half overflows: two multiplications instead of a compare and a select.
-    const float r = ((rounded_sum(magnitude) - bias(magnitude)) * 0x1p110f) * 0x1p-112f;
-    return float_from_bits(bits_of_float(r) | (bits & 0x80000000u));
+  template <typename Float>
+  static Float round(Float f) {
+    const auto bits = bits_of_float(f);
+    const Float scaled = scaled_magnitude(bits);
+    const Float b = bias(scaled);
+    return rounded(bits, b + scaled, b);
+  }
+  // round(f), with encode() of it in `half`: one rounded sum for both (the sum's store).
+  template <typename Float>
+  static Float round_encode(Float f, BitsOf<Float>* half) {
+    const auto bits = bits_of_float(f);
+    const Float scaled = scaled_magnitude(bits);
+    const Float b = bias(scaled);
+    *half = half_bits(bits, b + scaled);
+    return rounded(bits, b + scaled, b);
   }
   // The square root of a half is +-0, inf, NaN or in [2^-12, 256], where halves are normal: its
   // rounding to half is the float's mantissa rounded to 11 bits, with no subnormal or overflow
   // case (a NaN keeps its bits: every NaN here has its low 13 bits 0, as in BF16::round).
-  static M rounded_sqrt(M x) {
+  template <typename Float>
+  static Float rounded_sqrt(Float x) {
     return float_from_bits(round_low_bits<13>(bits_of_float(sqrt_(x))));
   }
+  static M load(S h) { return decode(static_cast<uint32_t>(h)); }
+  static S store(M f) { return static_cast<S>(encode(f)); }
   static M hyper(double x) { return round(static_cast<float>(x)); }
 
  private:
-  // 2^(e+15), e = the exponent of the float with these magnitude bits, clamped to [-14, 16]:
-  // -14 is half's smallest normal exponent; from 16 up the scaled value is inf anyway, and the
-  // upper clamp keeps the bias finite (inf - inf would make round() a NaN).
-  // The exponent bits compare as signed integers (they are below 2^31): SSE2, the portable
-  // build's x86 target, has no unsigned 32-bit compare and emulates one in several instructions.
-  static float bias(uint32_t magnitude) {
-    int32_t exponent = static_cast<int32_t>(magnitude & 0x7f800000u);
-    exponent = exponent < (113 << 23) ? (113 << 23) : exponent;
-    exponent = exponent > (143 << 23) ? (143 << 23) : exponent;
-    return float_from_bits(static_cast<uint32_t>(exponent) + (15u << 23));
+  // The rounding: bias + 4|f| rounds 4|f| to a half's precision in the float's low mantissa
+  // bits, with bias = 2^(e+13), e the exponent of 4|f|, at least that of 4 * 2^-14 (half's
+  // smallest normal, below which a half's precision is fixed). The scaling of |f| makes it inf
+  // from 2^16 up, as a half overflows; the bias of inf or NaN (exponent field 255) then wraps
+  // to a tiny negative float, which leaves inf an inf, and no bias is inf (no inf - inf). The
+  // clamp is a select by a "greater" mask: SSE2, the portable build's target, has no "less"
+  // compare and no 32-bit max.
+  template <typename Bits>
+  static FloatOf<Bits> scaled_magnitude(Bits bits) {
+    return (float_from_bits(bits & 0x7fffffffu) * 0x1p112f) * 0x1p-110f;
   }
-  // bias + 4|f|: the float add rounds 4|f| to a half's precision in the low mantissa bits.
-  // The first scaling makes |f| >= 2^16 inf; for smaller |f| the two give 4|f| exactly.
-  static float rounded_sum(uint32_t magnitude) {
-    const float scaled = (float_from_bits(magnitude) * 0x1p112f) * 0x1p-110f;
-    return bias(magnitude) + scaled;
+  template <typename Float>
+  static Float bias(Float scaled) {
+    const auto exponent = bits_of_float(scaled) & 0x7f800000u;
+    return float_from_bits(select(mask_greater(exponent, (115 << 23) - 1), exponent, 115u << 23) +
+                           (13u << 23));
+  }
+  template <typename Bits>
+  static Bits half_bits(Bits bits, FloatOf<Bits> sum) {
+    const Bits sum_bits = bits_of_float(sum);
+    // The sum's exponent field, mod 32, is the half's exponent minus one; the mantissa's
+    // leading 1 (bit 10) adds that one back, and a rounding carry propagates on its own.
+    const Bits half = ((sum_bits >> 13) & 0x7c00u) + (sum_bits & 0x0fffu);
+    const Bits sign = shift_right_signed(bits, 16) & 0xffff8000u;  // for a signed 16-bit pack
+    return sign | select(mask_greater(bits & 0x7fffffffu, 0x7f800000), 0x7e00u, half);
+  }
+  // Exact: the rounded 4|f| has at most 11 significant bits. Scaling it by 2^110 and then by
+  // 2^-112 is the division by 4 that also makes 65536 (what 65520 <= |f| < 65536 round to)
+  // inf, as a half overflows: two multiplications instead of a compare and a select.
+  template <typename Bits>
+  static FloatOf<Bits> rounded(Bits bits, FloatOf<Bits> sum, FloatOf<Bits> bias) {
+    const auto r = ((sum - bias) * 0x1p110f) * 0x1p-112f;
+    return float_from_bits(bits_of_float(r) | (bits & 0x80000000u));
   }
 };
 #endif  // defined(__aarch64__)
@@ -226,15 +284,44 @@ struct F16Lanes {
   static M load(const uint16_t* x) { return widen(load_halves(x)); }
   static void store(uint16_t* x, M v) { store_halves(x, narrow(v)); }
   static M round(M v) { return widen(narrow(v)); }
-  // F16::rounded_sqrt (x86) in integer lanes, instead of two conversions, which bound the step.
-  static M rounded_sqrt(M x) {
-    return float_from_bits(round_low_bits<13>(bits_of_float(sqrt_(x))));
-  }
+  // F16::rounded_sqrt in integer lanes, instead of two conversions, which bound the step.
+  static M rounded_sqrt(M x) { return F16::rounded_sqrt(x); }
   // Stores round(v) and returns it: one conversion fewer than round() and store().
   static M store_round(uint16_t* x, M v) {
     const HalfLanes h = narrow(v);
     store_halves(x, h);
     return widen(h);
+  }
+};
+#endif
+#if KERNEL_F16_QUADS
+// F16 four halves at a time: F16's own code on vectors, for the portable x86-64 build. (GCC
+// vectorized F16's scalar loop there too, but eight elements at a time with 16-bit compares,
+// widening shuffles and spills: twice the instructions per element.)
+struct F16Quad {
+  static constexpr bool kFmaWeightDecay = true;
+  static constexpr int kWidth = 4;
+  using M = FloatLanes;
+  static M broadcast(float x) { return splat(x); }
+  // Widening and narrowing by hand: GCC's __builtin_convertvector made five shuffles of each.
+  static M load(const uint16_t* x) {
+    const __m128i h = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(x));
+    return F16::decode((BitLanes)_mm_unpacklo_epi16(h, _mm_setzero_si128()));
+  }
+  static void store(uint16_t* x, M v) { store_bits(x, F16::encode(v)); }
+  static M round(M v) { return F16::round(v); }
+  static M rounded_sqrt(M x) { return F16::rounded_sqrt(x); }
+  static M store_round(uint16_t* x, M v) {
+    BitLanes half;
+    const M r = F16::round_encode(v, &half);
+    store_bits(x, half);
+    return r;
+  }
+
+ private:
+  // encode()'s lanes are sign-extended from bit 15, so a signed pack keeps their low halves.
+  static void store_bits(uint16_t* x, BitLanes half) {
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(x), _mm_packs_epi32((__m128i)half, (__m128i)half));
   }
 };
 #endif
@@ -411,6 +498,13 @@ template <>
 struct VectorOf<BF16> {
   static constexpr bool kExists = true;
   using V = BF16Lanes;
+};
+#endif
+#if KERNEL_F16_QUADS
+template <>
+struct VectorOf<F16> {
+  static constexpr bool kExists = true;
+  using V = F16Quad;
 };
 #endif
 

@@ -10,6 +10,7 @@
 //       the format's grid computed in double; a NaN stores as a NaN (half: of the same sign;
 //       bfloat16: 0x7fc0) and rounds to a NaN; hyper() of doubles rounds through float;
 //       rounded_sqrt() of all 65 536 bit patterns is round() of the float square root;
+//       (a) and (b) for half once more through F16Quad, the portable x86-64 build's vectors;
 //   (c) update_range (dense element-wise Adagrad) for float32, float64, float16 and bfloat16,
 //       every option combination, slices of odd sizes and ranges that split them, three steps,
 //       against a scalar reference of the arithmetic documented above update_element in
@@ -33,6 +34,9 @@
 #include <cstring>
 #include <limits>
 #include <vector>
+#if defined(__SSE2__) && !defined(__aarch64__)
+#include <emmintrin.h>  // SSE2, x86-64's baseline: F16Quad's widening and narrowing
+#endif
 
 #include "../../csrc/cpu/kernel.h"
 
@@ -312,6 +316,40 @@ void check_rounded_sqrt(const Format& f) {
     }
   }
 }
+
+#if KERNEL_F16_QUADS
+// The portable x86-64 build's float16 vectors (F16Quad) as a scalar type, for (a) and (b): each
+// value goes through lane (its bits mod 4) of a vector whose other lanes hold 1.0 (0x3c00), and
+// store() also checks that store_round() stores the same bits and returns round().
+struct QuadF16 {
+  using Q = check::F16Quad;
+  static float load(uint16_t h) {
+    uint16_t x[4] = {0x3c00, 0x3c00, 0x3c00, 0x3c00};
+    x[h & 3] = h;
+    return Q::load(x)[h & 3];
+  }
+  static uint16_t store(float f) {
+    const int lane = static_cast<int>(bits(f) & 3);
+    uint16_t stored[4], stored_round[4];
+    Q::store(stored, with(f));
+    const float r = Q::store_round(stored_round, with(f))[lane];
+    CHECK(stored[lane] == stored_round[lane], "F16Quad store_round of %a: 0x%04x, store 0x%04x", f,
+          stored_round[lane], stored[lane]);
+    CHECK(bits(r) == bits(round(f)) || (r != r && round(f) != round(f)),
+          "F16Quad store_round of %a returned %a, round %a", f, r, round(f));
+    return stored[lane];
+  }
+  static float round(float f) { return Q::round(with(f))[bits(f) & 3]; }
+  static float rounded_sqrt(float x) { return Q::rounded_sqrt(with(x))[bits(x) & 3]; }
+
+ private:
+  static check::FloatLanes with(float f) {
+    check::FloatLanes v = Q::broadcast(1.0f);
+    v[bits(f) & 3] = f;
+    return v;
+  }
+};
+#endif
 
 // ---- reference arithmetic for the updates ---------------------------------------------------
 // Storage S and math type M of each dtype, as the kernel's contract says: half and bfloat16
@@ -755,6 +793,16 @@ int main(int argc, char** argv) {
     check_rounded_sqrt<F16>(kHalf);
     check_rounded_sqrt<BF16>(kBFloat16);
   });
+#if KERNEL_F16_QUADS
+  section("(a) half loads, F16Quad (portable x86-64 vectors), all 65536 patterns",
+          [] { check_loads<QuadF16>(kHalf); });
+  uint64_t quad_count = 0;
+  section("(b) half stores, store_round() and round(), F16Quad",
+          [&] { check_stores<QuadF16>(kHalf, stride, &quad_count); });
+  std::printf("      %llu float patterns\n", static_cast<unsigned long long>(quad_count));
+  section("(b) half rounded_sqrt(), F16Quad, all 65536 patterns",
+          [] { check_rounded_sqrt<QuadF16>(kHalf); });
+#endif
 
   for (const Kernel& kernel : kernels()) {
     char name[160];
