@@ -4,9 +4,6 @@
 
 #include <cstdint>
 #include <cstring>
-#if defined(__SSE2__) && !defined(__aarch64__)
-#include <emmintrin.h>  // SSE2, x86-64's baseline: F16Quad's widening and narrowing
-#endif
 
 #define KERNEL_NAMESPACE base
 #if defined(__aarch64__)

@@ -7,8 +7,11 @@
 // The build passes -ffp-contract=off (no FMA unless written) and -fno-math-errno (lets sqrt
 // vectorize).
 
-// Included after `kernel.h` and <cstdint>, <cstring> (and <immintrin.h> where KERNEL_F16_LANES,
-// <emmintrin.h> in the portable x86-64 build) by the including file, before its pragma.
+// Included after `kernel.h` and <cstdint>, <cstring> (and <immintrin.h> where KERNEL_F16_LANES)
+// by the including file, before its pragma.
+#if !KERNEL_F16_LANES && !defined(__aarch64__) && defined(__SSE2__)
+#include <emmintrin.h>  // SSE2, x86-64's baseline, for F16Quad (never under a target pragma)
+#endif
 namespace fused_adagrad::cpu::KERNEL_NAMESPACE {
 namespace {
 

@@ -34,9 +34,6 @@
 #include <cstring>
 #include <limits>
 #include <vector>
-#if defined(__SSE2__) && !defined(__aarch64__)
-#include <emmintrin.h>  // SSE2, x86-64's baseline: F16Quad's widening and narrowing
-#endif
 
 #include "../../csrc/cpu/kernel.h"
 
