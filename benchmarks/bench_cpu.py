@@ -21,7 +21,6 @@ import datetime
 import gc
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -33,7 +32,7 @@ import torch
 import fused_adagrad
 from fused_adagrad import FusedAdagrad
 from model_shapes import bert_base_shapes, small_shapes
-from results_io import write_results
+from results_io import cpu_model, write_results
 
 
 CASES = {
@@ -117,9 +116,7 @@ def run_case(shapes, dtype, iters, probe, warmup=2):
 def measure(dtypes, cases, iters):
     """Every case in this process: (machine line, rows of raw results)."""
     info = fused_adagrad.build_info()
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                if line.startswith("model name")), platform.processor())
-    machine = (f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
+    machine = (f"{cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
                f"torch {torch.__version__}, fused-adagrad {info['version']}")
     kernel, capability = info["cpu_kernel"], torch.backends.cpu.get_cpu_capability()
     probe = StreamingProbe()
