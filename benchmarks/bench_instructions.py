@@ -20,9 +20,9 @@ import subprocess
 import sys
 import tempfile
 
+from bench_cpu import TORCH_CAPABILITY_OF as CAPABILITY
 from results_io import cpu_model, write_results
 
-CAPABILITY = {"base": "default", "avx2": "avx2", "avx512": "avx512"}
 # Functions inside which callgrind counts (inclusive of what they call).
 # Patterns without a leading *: one function each, as a nested match would toggle collection off.
 # (torch's adagrad_math, its element loop, is inlined in its AVX2 and AVX-512 builds.)
