@@ -56,8 +56,12 @@ PYBIND11_MODULE(_C, m) {
     d["version"] = info.version;
     d["torch_version"] = info.torch_version;
     d["cpu_kernels"] = info.cpu_kernels;
+    d["cpu_kernels_runnable"] = info.cpu_kernels_runnable;
     d["cpu_kernel"] = info.cpu_kernel;
+    d["cpu_kernel_error"] = info.cpu_kernel_error;
     d["cuda"] = info.cuda;
+    d["cuda_archs"] = info.cuda_archs;
+    d["cuda_devices"] = info.cuda_devices;
     const fused_adagrad::CudaLaunchInfo& c = info.cuda_launch;
     py::dict launch;
     launch["chunk_elements"] = c.chunk_elements;

@@ -5,14 +5,17 @@
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/variable.h>
+#include <torch/cuda.h>
 #include <torch/library.h>
 #include <torch/version.h>
 
 namespace fused_adagrad {
 
 namespace cpu {
-const char* selected_kernel_name();
+std::string selected_kernel_name();
+std::string kernel_selection_error();
 std::vector<std::string> compiled_kernel_names();
+std::vector<std::string> runnable_kernel_names();
 }  // namespace cpu
 
 namespace {
@@ -218,14 +221,43 @@ void adagrad_step_groups_(at::TensorList params, const OptionalTensorList& grads
                         maximize, eps_inside_sqrt, lr_tensor, rowwise, grad_scale, found_inf);
 }
 
-BuildInfo build_info() {
 #if defined(FUSED_ADAGRAD_WITH_CUDA)
-  constexpr bool with_cuda = true;
-#else
-  constexpr bool with_cuda = false;
+// The build defines FUSED_ADAGRAD_CUDA_ARCHS as TORCH_CUDA_ARCH_LIST with commas for separators
+// (8.0,9.0+PTX), bare tokens that survive every build tool's quoting; this makes them a string.
+#define FUSED_ADAGRAD_STRINGIFY_ARGS(...) #__VA_ARGS__
+#define FUSED_ADAGRAD_STRINGIFY(...) FUSED_ADAGRAD_STRINGIFY_ARGS(__VA_ARGS__)
+
+namespace {
+std::vector<std::string> split_arch_list(const std::string& list) {
+  std::vector<std::string> archs;
+  size_t begin = 0;
+  while (begin < list.size()) {
+    size_t end = list.find(',', begin);
+    if (end == std::string::npos) end = list.size();
+    if (end > begin) archs.push_back(list.substr(begin, end - begin));
+    begin = end + 1;
+  }
+  return archs;
+}
+}  // namespace
 #endif
-  return {FUSED_ADAGRAD_VERSION, TORCH_VERSION, cpu::compiled_kernel_names(),
-          cpu::selected_kernel_name(), with_cuda, cuda_launch_info()};
+
+BuildInfo build_info() {
+  BuildInfo info;
+  info.version = FUSED_ADAGRAD_VERSION;
+  info.torch_version = TORCH_VERSION;
+  info.cpu_kernels = cpu::compiled_kernel_names();
+  info.cpu_kernels_runnable = cpu::runnable_kernel_names();
+  info.cpu_kernel = cpu::selected_kernel_name();
+  info.cpu_kernel_error = cpu::kernel_selection_error();
+#if defined(FUSED_ADAGRAD_WITH_CUDA)
+  info.cuda = true;
+  info.cuda_archs = split_arch_list(FUSED_ADAGRAD_STRINGIFY(FUSED_ADAGRAD_CUDA_ARCHS));
+  // torch's count asks the driver and answers 0, without raising, where there is none.
+  info.cuda_devices = static_cast<int64_t>(torch::cuda::device_count());
+#endif
+  info.cuda_launch = cuda_launch_info();
+  return info;
 }
 
 namespace detail {

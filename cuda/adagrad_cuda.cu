@@ -6,6 +6,7 @@
 // can be captured in a CUDA graph.
 #include "step_common.cuh"
 
+#include <c10/cuda/CUDAFunctions.h>
 #include <torch/library.h>
 
 namespace fused_adagrad::cuda {
@@ -354,7 +355,8 @@ CudaLaunchInfo launch_info() {
   info.large_table_tensors = LargeTable::kMaxTensors;
   info.large_table_chunks = LargeTable::kMaxBlocks;
 #endif
-  info.large_tables_usable = runtime_takes_large_args();
+  // build_info() must answer without a GPU or driver, where asking the runtime would throw.
+  info.large_tables_usable = c10::cuda::device_count() > 0 && runtime_takes_large_args();
   return info;
 }
 

@@ -29,45 +29,97 @@ struct KernelChoice {
   UnscaleFn unscale_fn;
 };
 
-bool cpu_has_avx512() {
+// The kernels in order of width; a CPU that runs one runs every one before it.
+constexpr const char* kKernelNames[] = {"base", "avx2", "avx512"};
+
+int cpu_isa_level() {
 #if defined(__x86_64__)
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-         __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                    __builtin_cpu_supports("f16c");
+  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") &&
+                      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+                      __builtin_cpu_supports("avx512dq");
+  return avx512 ? 2 : avx2 ? 1 : 0;
 #else
-  return false;
+  return 0;  // only the portable kernel is compiled in
 #endif
 }
 
-bool cpu_has_avx2() {
-#if defined(__x86_64__)
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-         __builtin_cpu_supports("f16c");
-#else
-  return false;
-#endif
+int level_of(const std::string& name) {
+  for (int level = 0; level < 3; ++level) {
+    if (name == kKernelNames[level]) return level;
+  }
+  return -1;
 }
 
-// The best path this CPU runs, unless FUSED_ADAGRAD_CPU_KERNEL names a lower one (for tests and
-// benchmarks; asking for one the CPU lacks is an error, not a silent fallback).
-KernelChoice choose_kernel() {
+// What the selection sees: the CPU's widest kernel, capped by FUSED_ADAGRAD_MAX_ISA, which hides
+// wider ones so that a test can play an AVX2-only (or a pre-AVX2) host on any CPU.
+struct Selection {
+  int runnable_level = 0;  // kernels 0..runnable_level run here
+  int chosen_level = -1;   // -1: none, `error` says why
+  std::string error;
+};
+
+Selection select_kernel() {
+  Selection s;
+  s.runnable_level = cpu_isa_level();
+  std::string cap_note;
+  if (const char* cap = std::getenv("FUSED_ADAGRAD_MAX_ISA"); cap && *cap) {
+    const int cap_level = level_of(cap);
+    if (cap_level < 0) {
+      s.error = std::string("FUSED_ADAGRAD_MAX_ISA=") + cap + " is not a kernel name (base, avx2 or avx512)";
+      return s;
+    }
+    if (cap_level < s.runnable_level) {
+      s.runnable_level = cap_level;
+      cap_note = std::string(", as FUSED_ADAGRAD_MAX_ISA=") + cap + " hides wider ones";
+    }
+  }
+  std::string runnable = kKernelNames[0];
+  for (int level = 1; level <= s.runnable_level; ++level) runnable += std::string(", ") + kKernelNames[level];
   const char* forced = std::getenv("FUSED_ADAGRAD_CPU_KERNEL");
-  const std::string want = forced ? forced : "";
+  if (!forced || !*forced) {
+    s.chosen_level = s.runnable_level;
+    return s;
+  }
+  const int want = level_of(forced);
+  if (want < 0) {
+    s.error = std::string("FUSED_ADAGRAD_CPU_KERNEL=") + forced +
+              " is not a kernel name (base, avx2 or avx512)";
+  } else if (want > s.runnable_level) {
+    // Asking for a kernel the CPU lacks is an error, not a silent fallback: a test or benchmark
+    // that forces one must not measure another.
+    s.error = std::string("FUSED_ADAGRAD_CPU_KERNEL=") + forced + ": this CPU cannot run the " +
+              forced + " kernel (it runs " + runnable + cap_note + "); unset it or choose one of those";
+  } else {
+    s.chosen_level = want;
+  }
+  return s;
+}
+
+const Selection& selection() {
+  static const Selection s = select_kernel();
+  return s;
+}
+
+// The best kernel this CPU runs, unless FUSED_ADAGRAD_CPU_KERNEL names a lower one (for tests and
+// benchmarks).
+KernelChoice choose_kernel() {
+  const Selection& s = selection();
+  TORCH_CHECK(s.error.empty(), s.error);
+  switch (s.chosen_level) {
 #if defined(__x86_64__)
-  if ((want.empty() || want == "avx512") && cpu_has_avx512()) {
-    return {"avx512", avx512::update_range, avx512::sparse_update_range, avx512::rowwise_update_range,
-            avx512::rowwise_sparse_update_range, avx512::unscale};
-  }
-  if ((want.empty() || want == "avx512" || want == "avx2") && cpu_has_avx2()) {
-    TORCH_CHECK(want != "avx512", "FUSED_ADAGRAD_CPU_KERNEL=avx512 but this CPU or build lacks AVX-512");
-    return {"avx2", avx2::update_range, avx2::sparse_update_range, avx2::rowwise_update_range,
-            avx2::rowwise_sparse_update_range, avx2::unscale};
-  }
+    case 2:
+      return {"avx512", avx512::update_range, avx512::sparse_update_range, avx512::rowwise_update_range,
+              avx512::rowwise_sparse_update_range, avx512::unscale};
+    case 1:
+      return {"avx2", avx2::update_range, avx2::sparse_update_range, avx2::rowwise_update_range,
+              avx2::rowwise_sparse_update_range, avx2::unscale};
 #endif
-  TORCH_CHECK(want.empty() || want == "base", "FUSED_ADAGRAD_CPU_KERNEL=", want,
-              " is not available on this CPU or build (choose base, avx2 or avx512)");
-  return {"base", base::update_range, base::sparse_update_range, base::rowwise_update_range,
-            base::rowwise_sparse_update_range, base::unscale};
+    default:
+      return {"base", base::update_range, base::sparse_update_range, base::rowwise_update_range,
+              base::rowwise_sparse_update_range, base::unscale};
+  }
 }
 
 const KernelChoice& kernel() {
@@ -323,15 +375,23 @@ void step_groups_cpu(at::TensorList params, const OptionalTensorList& grads, at:
 
 }  // namespace
 
-const char* selected_kernel_name() { return kernel().name; }
+std::string selected_kernel_name() {
+  const Selection& s = selection();
+  return s.chosen_level < 0 ? std::string() : kKernelNames[s.chosen_level];
+}
+
+std::string kernel_selection_error() { return selection().error; }
 
 std::vector<std::string> compiled_kernel_names() {
-  std::vector<std::string> names{"base"};
 #if defined(__x86_64__)
-  names.emplace_back("avx2");
-  names.emplace_back("avx512");
+  return {kKernelNames[0], kKernelNames[1], kKernelNames[2]};
+#else
+  return {kKernelNames[0]};
 #endif
-  return names;
+}
+
+std::vector<std::string> runnable_kernel_names() {
+  return {std::begin(kKernelNames), std::begin(kKernelNames) + selection().runnable_level + 1};
 }
 
 // A sparse grad in the list makes the dispatcher pick the sparse key; the same code handles it

@@ -246,12 +246,17 @@ struct CudaLaunchInfo {
   bool large_tables_usable = false;  // compiled in, and this runtime and driver take them
 };
 
+// Never throws and never initializes CUDA: it answers on a machine without a GPU or a driver.
 struct BuildInfo {
   std::string version;
-  std::string torch_version;               // the torch this library was compiled against
-  std::vector<std::string> cpu_kernels;    // SIMD paths compiled in
-  std::string cpu_kernel;                  // the one selected on this CPU
-  bool cuda = false;
+  std::string torch_version;                // the torch this library was compiled against
+  std::vector<std::string> cpu_kernels;     // SIMD paths compiled in
+  std::vector<std::string> cpu_kernels_runnable;  // those this CPU runs (FUSED_ADAGRAD_MAX_ISA caps it)
+  std::string cpu_kernel;                   // the one steps use; empty when cpu_kernel_error is set
+  std::string cpu_kernel_error;             // why FUSED_ADAGRAD_CPU_KERNEL (or _MAX_ISA) cannot be honoured
+  bool cuda = false;                        // CUDA kernels compiled in
+  std::vector<std::string> cuda_archs;      // what they were built for: {"8.0", "9.0+PTX"}
+  int64_t cuda_devices = 0;                 // GPUs usable now (0 without a GPU or driver)
   CudaLaunchInfo cuda_launch;
 };
 FUSED_ADAGRAD_API BuildInfo build_info();

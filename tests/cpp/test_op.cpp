@@ -17,10 +17,9 @@ namespace {
 class ForcedKernelAvailable : public ::testing::Environment {
  public:
   void SetUp() override {
-    try {
-      build_info();
-    } catch (const c10::Error& e) {
-      std::cerr << "skipping: " << e.what_without_backtrace() << "\n";
+    const BuildInfo info = build_info();
+    if (!info.cpu_kernel_error.empty()) {
+      std::cerr << "skipping: " << info.cpu_kernel_error << "\n";
       std::exit(77);
     }
   }
@@ -38,6 +37,20 @@ TEST(BuildInfo, DescribesThisBuild) {
   EXPECT_NE(std::find(info.cpu_kernels.begin(), info.cpu_kernels.end(), info.cpu_kernel),
             info.cpu_kernels.end())
       << info.cpu_kernel;
+  // The kernels this CPU runs are the narrowest ones compiled in, the selected one among them.
+  ASSERT_FALSE(info.cpu_kernels_runnable.empty());
+  ASSERT_LE(info.cpu_kernels_runnable.size(), info.cpu_kernels.size());
+  EXPECT_TRUE(std::equal(info.cpu_kernels_runnable.begin(), info.cpu_kernels_runnable.end(),
+                         info.cpu_kernels.begin()));
+  EXPECT_NE(std::find(info.cpu_kernels_runnable.begin(), info.cpu_kernels_runnable.end(),
+                      info.cpu_kernel),
+            info.cpu_kernels_runnable.end())
+      << info.cpu_kernel;
+  EXPECT_EQ(info.cpu_kernel_error, "");
+  if (!info.cuda) {
+    EXPECT_TRUE(info.cuda_archs.empty());
+    EXPECT_EQ(info.cuda_devices, 0);
+  }
   if (const char* forced = std::getenv("FUSED_ADAGRAD_CPU_KERNEL"); forced && *forced) {
     EXPECT_EQ(info.cpu_kernel, forced);
   }
