@@ -13,7 +13,8 @@ trap 'rm -rf "$WORK"' EXIT
 cd "$WORK"  # so that Python imports the installed package, not ./python
 
 PREFIX_PATH="$("$PYTHON" -c 'import fused_adagrad, torch; print(fused_adagrad.cmake_prefix_path + ";" + torch.utils.cmake_prefix_path)')"
-VERSION="$("$PYTHON" -c 'import fused_adagrad; print(fused_adagrad.__version__)')"
+# The C++ version, without the Python package's local part (+torch2.13cpu).
+VERSION="$("$PYTHON" -c 'import fused_adagrad; print(fused_adagrad.build_info()["version"])')"
 LIB="$("$PYTHON" -c 'import fused_adagrad, os; print(os.path.join(os.path.dirname(fused_adagrad.__file__), "lib", "libfused_adagrad.so"))')"
 GENERATOR=()
 if command -v ninja >/dev/null; then GENERATOR=(-G Ninja); fi

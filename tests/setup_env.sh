@@ -12,7 +12,10 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 # shellcheck disable=SC1091
 source "$VENV/bin/activate"
-if ! python -c "import torch, pybind11, numpy, expecttest, pytest, hypothesis, tqdm, packaging" 2>/dev/null; then
+# Install when a tool is missing or the venv holds another torch than the pin asks for.
+if ! python -c "import torch, pybind11, numpy, expecttest, pytest, hypothesis, tqdm, packaging
+pin = '${TORCH_PIN#torch==}'
+assert pin == '$TORCH_PIN' or torch.__version__.split('+')[0] == pin" 2>/dev/null; then
   echo "==> installing $TORCH_PIN and the build/test tools"
   python -m pip install -q --upgrade pip
   python -m pip install -q "$TORCH_PIN" pybind11 numpy expecttest pytest hypothesis tqdm packaging ninja setuptools wheel

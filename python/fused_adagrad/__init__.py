@@ -9,7 +9,7 @@ import os
 import torch
 from packaging.version import Version
 
-from ._version import __version__, built_with_torch
+from ._version import __version__, built_with_torch, cuda_not_built_because
 
 
 def _load_native():
@@ -31,7 +31,16 @@ def _load_native():
     return _C
 
 
+def _check_cpu_kernel_request():
+    """FUSED_ADAGRAD_CPU_KERNEL (or FUSED_ADAGRAD_MAX_ISA) asked for a kernel this CPU cannot
+    run: say so now, where the process asked for it, rather than at its first step."""
+    error = _C.build_info()["cpu_kernel_error"]
+    if error:
+        raise RuntimeError(error)
+
+
 _C = _load_native()  # also registers torch.ops.fused_adagrad.*
+_check_cpu_kernel_request()
 
 from .optimizer import FusedAdagrad  # noqa: E402
 from .rowwise import RowWiseAdagrad  # noqa: E402
@@ -43,8 +52,12 @@ cmake_prefix_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sh
 
 
 def build_info() -> dict:
-    """Version, torch built against, SIMD kernels compiled in and the one this CPU uses, CUDA."""
-    return _C.build_info()
+    """What this build is and what it runs here, without raising and without touching CUDA:
+    version, torch_version (built against), cpu_kernels (compiled in), cpu_kernels_runnable (by
+    this CPU), cpu_kernel (the one steps use), cuda (kernels compiled in), cuda_archs (built
+    for), cuda_devices (GPUs usable now), cuda_launch (how work is split into launches), and
+    cuda_not_built_because (why the build left the CUDA kernels out; "" when built or not asked)."""
+    return {**_C.build_info(), "cuda_not_built_because": cuda_not_built_because}
 
 
 __all__ = ["FusedAdagrad", "RowWiseAdagrad", "build_info", "cmake_prefix_path", "__version__"]

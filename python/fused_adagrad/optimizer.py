@@ -9,6 +9,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from ._compat import check_step_compilable
+
 _step_groups = torch.ops.fused_adagrad.adagrad_step_groups_
 _step = torch.ops.fused_adagrad.adagrad_step_
 _rowwise_step = torch.ops.fused_adagrad.rowwise_adagrad_step_
@@ -139,6 +141,7 @@ class _FusedAdagradBase(Optimizer):
         lr = group["lr"]
         is_tensor = isinstance(lr, Tensor)
         op = _rowwise_step if self._rowwise else _step
+        check_step_compilable(type(self).__name__)
         try:
             with torch.no_grad():
                 ps, gs, ss = [p], [p.grad], [state["sum"]]
@@ -250,6 +253,7 @@ class _FusedAdagradBase(Optimizer):
         if not params:
             return loss  # no grads: nothing steps (and the op would have no device to run on)
         groups = self.param_groups
+        check_step_compilable(type(self).__name__)
         try:
             _step_groups(
                 params, grads, sums, steps,

@@ -20,6 +20,7 @@ import fused_adagrad
 from fused_adagrad import FusedAdagrad
 
 from cuda_available import skip_or_fail_without_cuda
+from torch_support import needs_compilable_op
 
 skip_or_fail_without_cuda()
 
@@ -653,6 +654,7 @@ def test_sparse_grads_match_torch(kw):
     torch.testing.assert_close(emb.weight, emb_t.weight, rtol=1e-6, atol=1e-6)
 
 
+@needs_compilable_op
 @pytest.mark.parametrize("lr_on_device", [False, True])
 def test_opcheck(lr_on_device):
     params = [torch.randn(17, device=DEV), torch.randn(3, 5, device=DEV, dtype=torch.bfloat16),
@@ -758,6 +760,7 @@ def test_grad_scaler_training_matches_torch_adagrad():
         assert float(opt_ours.state[p]["step"]) == float(opt_theirs.state[q]["step"]) == 5
 
 
+@needs_compilable_op
 def test_compiled_reduce_overhead_step_matches_eager():
     # mode="reduce-overhead" (CUDA graphs where inductor can use them) with a tensor lr on the
     # device and a scheduler: the same params as eager steps, bitwise.

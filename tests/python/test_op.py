@@ -1,11 +1,15 @@
 """The dispatcher op itself, the pybind11 module and the C++ optimizer seen from Python."""
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import fused_adagrad
 from fused_adagrad import FusedAdagrad, _C
+from torch_support import needs_compilable_op
 
 OP = torch.ops.fused_adagrad.adagrad_step_
 HYPER = dict(lr=0.1, lr_decay=0.01, weight_decay=0.1, eps=1e-10, maximize=False)
@@ -23,6 +27,7 @@ def sample_inputs():
     yield make([(5,)]), dict(HYPER, lr_tensor=torch.tensor(0.05))
 
 
+@needs_compilable_op
 @pytest.mark.parametrize("case", list(sample_inputs()), ids=["mixed-shapes", "none-grad", "bf16", "lr-tensor"])
 def test_opcheck(case):
     args, kwargs = case
@@ -40,6 +45,7 @@ def groups_kwargs(n, rowwise=False, **overrides):
     return kw
 
 
+@needs_compilable_op
 @pytest.mark.parametrize("rowwise", [False, True], ids=["elementwise", "rowwise"])
 def test_groups_op_opcheck(rowwise):
     params = [torch.randn(4, 3), torch.randn(5), torch.randn(2, 2)]
@@ -127,11 +133,63 @@ def test_meta_tensors_are_validated_without_computing():
 
 def test_build_info():
     info = fused_adagrad.build_info()
-    assert info["version"] == fused_adagrad.__version__
+    # The package's version adds the torch it was built for: 0.1.0+torch2.13cpu.
+    version, local = fused_adagrad.__version__.split("+")
+    assert info["version"] == version
+    torch_minor = ".".join(torch.__version__.split(".")[:2])
+    assert local == f"torch{torch_minor}" + (f"cu{torch.version.cuda.replace('.', '')}" if info["cuda"] else "cpu")
     assert info["torch_version"].split("+")[0] == torch.__version__.split("+")[0]
-    assert info["cpu_kernel"] in info["cpu_kernels"]
-    assert "base" in info["cpu_kernels"]
+    assert info["cpu_kernels"][0] == "base"
+    assert info["cpu_kernel"] in info["cpu_kernels_runnable"]
+    assert info["cpu_kernel_error"] == ""
     assert isinstance(info["cuda"], bool)
+    if info["cuda"]:
+        assert info["cuda_archs"] and info["cuda_devices"] == torch.cuda.device_count()
+    else:
+        assert info["cuda_archs"] == [] and info["cuda_devices"] == 0
+
+
+@pytest.mark.skipif(not fused_adagrad.build_info()["cuda"], reason="fused_adagrad was built without CUDA")
+def test_cuda_build_registers_every_op_and_loads_without_a_gpu():
+    """A CUDA build imports, and answers build_info(), where no GPU or driver is (a login node, a
+    CPU CI box): nothing touched the CUDA runtime. Every op has its CUDA kernels registered."""
+    info = fused_adagrad.build_info()
+    assert info["cuda_devices"] == torch.cuda.device_count()
+    assert info["cuda_archs"], "no CUDA architectures recorded"
+    for arch in info["cuda_archs"]:
+        assert re.fullmatch(r"\d+\.\d+[a-z]?(\+PTX)?", arch), info["cuda_archs"]
+    if info["cuda_devices"] == 0:
+        assert not info["cuda_launch"]["large_tables_usable"]
+    for op in ("adagrad_step_", "adagrad_step_groups_", "rowwise_adagrad_step_"):
+        for key in ("CUDA", "SparseCUDA"):
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fused_adagrad::{op}", key), (op, key)
+
+
+def _import_with(env):
+    return subprocess.run([sys.executable, "-c", "import fused_adagrad; print(fused_adagrad.build_info()['cpu_kernel'])"],
+                          env={**os.environ, **env}, capture_output=True, text=True)
+
+
+def test_max_isa_hides_wider_kernels():
+    """FUSED_ADAGRAD_MAX_ISA plays a CPU without the wider instruction sets, on any CPU."""
+    run = _import_with({"FUSED_ADAGRAD_MAX_ISA": "base", "FUSED_ADAGRAD_CPU_KERNEL": ""})
+    assert run.returncode == 0 and run.stdout.strip() == "base", run.stderr
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"FUSED_ADAGRAD_MAX_ISA": "base", "FUSED_ADAGRAD_CPU_KERNEL": "avx2"},
+     "FUSED_ADAGRAD_CPU_KERNEL=avx2: this CPU cannot run the avx2 kernel (it runs base, as "
+     "FUSED_ADAGRAD_MAX_ISA=base hides wider ones); unset it or choose one of those"),
+    ({"FUSED_ADAGRAD_CPU_KERNEL": "sse"}, "FUSED_ADAGRAD_CPU_KERNEL=sse is not a kernel name"),
+    ({"FUSED_ADAGRAD_MAX_ISA": "avx3"}, "FUSED_ADAGRAD_MAX_ISA=avx3 is not a kernel name"),
+])
+def test_impossible_kernel_request_fails_at_import_naming_it(env, message):
+    run = _import_with(env)
+    assert run.returncode != 0
+    last_line = run.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("RuntimeError: " + message), run.stderr
+    # The traceback points at the check of the request, not at an unrelated line.
+    assert "_check_cpu_kernel_request" in run.stderr
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(lr=0.1, lr_decay=0.1, weight_decay=0.05),

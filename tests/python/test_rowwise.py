@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from fused_adagrad import FusedAdagrad, RowWiseAdagrad
+from torch_support import needs_compilable_op
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 LANES = 8
@@ -246,18 +247,19 @@ def test_every_compiled_kernel_gives_the_same_bits():
             out += [p.detach().float(), e.detach().float(), opt.state[p]["sum"], opt.state[e]["sum"]]
         torch.save(out, __import__("sys").argv[1])
     """)
+    runnable = fused_adagrad.build_info()["cpu_kernels_runnable"]
+    if len(runnable) < 2:
+        pytest.skip(f"this CPU runs only the {runnable[0]} kernel: nothing to compare it with")
     results = {}
-    for kernel in fused_adagrad.build_info()["cpu_kernels"]:
+    for kernel in runnable:
         path = f"{os.environ.get('TMPDIR', '/tmp')}/rowwise-{kernel}-{os.getpid()}.pt"
         run = subprocess.run([sys.executable, "-c", script, path],
                              env={**os.environ, "FUSED_ADAGRAD_CPU_KERNEL": kernel},
                              capture_output=True, text=True)
-        if run.returncode != 0 and "not available on this CPU" in run.stderr:
-            continue  # a kernel this CPU cannot run
         assert run.returncode == 0, run.stderr
         results[kernel] = torch.load(path)
         os.remove(path)
-    assert "base" in results and len(results) >= 2
+    assert "base" in results
     base = results.pop("base")
     for kernel, out in results.items():
         assert all(torch.equal(a, b) for a, b in zip(base, out)), f"{kernel} differs from base"
@@ -358,6 +360,7 @@ def test_argument_errors_mirror_torch():
         RowWiseAdagrad([torch.nn.Parameter(torch.randn(3, 2, dtype=torch.complex64))])
 
 
+@needs_compilable_op
 def test_op_checks_pass_opcheck():
     p = [torch.randn(4, 3), torch.randn(())]
     args = (p, [torch.randn(4, 3), torch.randn(())], [torch.zeros(4), torch.zeros(())],

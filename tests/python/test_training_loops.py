@@ -8,6 +8,8 @@ import torch
 import torch.multiprocessing as mp
 
 from fused_adagrad import FusedAdagrad, RowWiseAdagrad
+from fused_adagrad import _compat
+from torch_support import needs_compilable_op
 
 OPTIMIZERS = [FusedAdagrad, RowWiseAdagrad]
 
@@ -153,6 +155,7 @@ def test_share_memory_lets_two_processes_update_one_model():
 
 # ----------------------------------------------------------------------------- torch.compile
 
+@needs_compilable_op
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 @pytest.mark.parametrize("opt_cls", OPTIMIZERS, ids=lambda c: c.__name__)
 def test_compiled_step_and_scheduler_match_eager_without_recompiling(opt_cls, backend):
@@ -182,3 +185,19 @@ def test_compiled_step_and_scheduler_match_eager_without_recompiling(opt_cls, ba
             for a, b in zip(eager.parameters(), compiled.parameters()):
                 assert torch.equal(a, b), f"step {t}"
     assert opt.param_groups[0]["lr"].item() == pytest.approx(0.1 * 0.9 ** 4)
+
+
+@pytest.mark.skipif(_compat.CAN_COMPILE_STEP, reason="this torch compiles a step")
+@pytest.mark.parametrize("opt_cls", OPTIMIZERS, ids=lambda c: c.__name__)
+def test_compiling_a_step_on_an_older_torch_says_which_torch_it_needs(opt_cls):
+    import torch._dynamo
+    torch._dynamo.reset()
+    model = make_model()
+    opt = opt_cls(groups(model), lr=0.1)
+    loss_of(model, 0).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(Exception, match=r"torch.compile of an optimizer step needs torch >= 2\.5"):
+        torch.compile(opt.step, backend="aot_eager")()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    opt.step()  # eagerly, it steps
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Usage: tests/torch_version.sh TORCH_VERSION [auto|1|0]
+# Builds fused-adagrad against another torch release, in a venv of its own (.venv-torch<VERSION>),
+# with FUSED_ADAGRAD_CUDA set to the second argument (default auto, what a user gets), then runs
+# the core of the suite against that install: the parity, optimizer, sparse, row-wise and op
+# tests, and the C++ programs built against the pip package (tests/pip_consumer.sh). CI runs it
+# for the oldest and the newest torch we support; tests/run.sh covers the pinned one in full.
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+VERSION="${1:?usage: tests/torch_version.sh TORCH_VERSION [auto|1|0]}"
+export FUSED_ADAGRAD_CUDA="${2:-auto}"
+export FUSED_ADAGRAD_VENV="$ROOT/.venv-torch$VERSION" TORCH_PIN="torch==$VERSION"
+# A machine-wide pip constraint may cap torch below the newest release; this venv asks for one.
+export PIP_CONSTRAINT=/dev/null
+source "$ROOT/tests/setup_env.sh"
+python -c 'import fused_adagrad as f, torch; i = f.build_info()
+print(f"fused-adagrad {f.__version__}: torch {torch.__version__}, CPU kernel", i["cpu_kernel"],
+      "CUDA kernels", i["cuda_archs"] or "none", i["cuda_not_built_because"], i["cuda_devices"], "GPU(s)")'
+
+echo "==> pytest (core subset) against torch $VERSION"
+(cd "$ROOT/tests/python" && python -m pytest -q -p no:cacheprovider -rs \
+  test_parity.py test_optimizer.py test_sparse.py test_rowwise.py test_op.py)
+echo "==> C++ programs against the pip package, torch $VERSION"
+bash "$ROOT/tests/pip_consumer.sh" python
+echo "==> torch $VERSION: passed"
