@@ -6,6 +6,7 @@
 # and its CMake build (build-cmake).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+mkdir -p "$ROOT/build"
 FORCING_TESTS="every_simd_kernel or every_compiled_kernel or selected_kernel or kernel_request or max_isa"
 
 for isa in avx2 base; do

@@ -20,6 +20,21 @@ print(f"fused-adagrad {f.__version__}: torch {torch.__version__}, CPU kernel", i
 echo "==> pytest (core subset) against torch $VERSION"
 (cd "$ROOT/tests/python" && python -m pytest -q -p no:cacheprovider -rs \
   test_parity.py test_optimizer.py test_sparse.py test_rowwise.py test_op.py)
-echo "==> C++ programs against the pip package, torch $VERSION"
-bash "$ROOT/tests/pip_consumer.sh" python
+# A CUDA torch's own CMake config needs a CUDA toolkit of its CUDA major version (FindCUDA,
+# nvToolsExt); without one no C++ program can use that torch, ours included.
+read -r torch_cuda toolkit_cuda < <(python -c '
+import re, shutil, subprocess, torch
+nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
+try:
+    found = re.search(r"release (\d+)", subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout)
+except OSError:
+    found = None
+print((torch.version.cuda or "none").split(".")[0], found.group(1) if found else "none")')
+if [ "$torch_cuda" != none ] && [ "$torch_cuda" != "$toolkit_cuda" ]; then
+  echo "==> C++ programs SKIPPED: torch $VERSION's CMake config needs a CUDA $torch_cuda toolkit" \
+       "(this machine has CUDA $toolkit_cuda)"
+else
+  echo "==> C++ programs against the pip package, torch $VERSION"
+  bash "$ROOT/tests/pip_consumer.sh" python
+fi
 echo "==> torch $VERSION: passed"

@@ -9,11 +9,11 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ._compat import check_step_compilable
+from ._compat import eager_under_compile
 
-_step_groups = torch.ops.fused_adagrad.adagrad_step_groups_
-_step = torch.ops.fused_adagrad.adagrad_step_
-_rowwise_step = torch.ops.fused_adagrad.rowwise_adagrad_step_
+_step_groups = eager_under_compile(torch.ops.fused_adagrad.adagrad_step_groups_)
+_step = eager_under_compile(torch.ops.fused_adagrad.adagrad_step_)
+_rowwise_step = eager_under_compile(torch.ops.fused_adagrad.rowwise_adagrad_step_)
 
 
 def _with_user_indices(message: str, kept) -> str:
@@ -141,7 +141,6 @@ class _FusedAdagradBase(Optimizer):
         lr = group["lr"]
         is_tensor = isinstance(lr, Tensor)
         op = _rowwise_step if self._rowwise else _step
-        check_step_compilable(type(self).__name__)
         try:
             with torch.no_grad():
                 ps, gs, ss = [p], [p.grad], [state["sum"]]
@@ -253,7 +252,6 @@ class _FusedAdagradBase(Optimizer):
         if not params:
             return loss  # no grads: nothing steps (and the op would have no device to run on)
         groups = self.param_groups
-        check_step_compilable(type(self).__name__)
         try:
             _step_groups(
                 params, grads, sums, steps,
