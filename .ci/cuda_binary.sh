@@ -8,8 +8,8 @@
 #  - the hot kernels (the element-wise dense and sparse steps) use no stack and no local memory,
 #    where register spills would go: cuobjdump's resource usage per kernel and architecture,
 #    written as a table to REPORT (default build/cuda-resources.md; benchmarks/results/ keeps a
-#    dated copy). The row-wise kernels keep a small stack frame for the registers saved around
-#    the division and square root subroutines they call once per row: reported, not refused.
+#    dated copy). A few row-wise kernel images keep a small stack frame (ptxas reports 4-20
+#    bytes of spills there, benchmarks/results/ptxas-*.md): reported, not refused.
 # cuobjdump: from PATH or the CUDA toolkit, else pip's nvidia-cuda-cuobjdump into build/tools.
 set -euo pipefail
 PYTHON="${1:?usage: .ci/cuda_binary.sh PYTHON [REPORT]}"
