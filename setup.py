@@ -27,6 +27,11 @@ import setuptools
 import torch
 from setuptools import setup
 
+if int(setuptools.__version__.split(".")[0]) < 61:
+    # pyproject.toml's [project] table, where the name and dependencies are, needs 61.
+    raise SystemExit(f"fused-adagrad's build needs setuptools >= 61 (this environment has "
+                     f"{setuptools.__version__}): pip install -U 'setuptools>=61'")
+
 VERSION = re.search(r'#define FUSED_ADAGRAD_VERSION "([^"]+)"',
                     open("csrc/fused_adagrad/fused_adagrad.h").read()).group(1)
 SETTINGS = dict(re.findall(r'^([A-Z_]+)="([^"]*)"$',
