@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Usage: tests/cpp_consumer.sh BUILD_DIR  (a configured and built CMake build of this repository)
 # Installs BUILD_DIR into a temporary prefix, then configures, builds and runs two projects outside
-# the tree against it with find_package(FusedAdagrad CONFIG REQUIRED): examples/cpp (the README's
-# C++ quickstart) and tests/cpp/consumer (the op registrations survive --as-needed).
+# the tree against it with find_package(FusedAdagrad CONFIG REQUIRED): examples/cpp (the complete
+# C++ consumer project) and tests/cpp/consumer (the op registrations survive --as-needed).
 set -euo pipefail
 BUILD="$(cd "${1:?usage: tests/cpp_consumer.sh BUILD_DIR}" && pwd)"
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"

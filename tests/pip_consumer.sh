@@ -2,7 +2,7 @@
 # Usage: tests/pip_consumer.sh [PYTHON]  (a Python with fused-adagrad pip-installed; default: python)
 # The C++ package inside the pip install, used by projects outside the tree with nothing but
 #   -DCMAKE_PREFIX_PATH="<fused_adagrad.cmake_prefix_path>;<torch.utils.cmake_prefix_path>"
-# builds and runs examples/cpp (the README's C++ quickstart) and tests/cpp/consumer (the op
+# builds and runs examples/cpp (the complete C++ consumer project) and tests/cpp/consumer (the op
 # registrations survive --as-needed), then checks that the library needs no libpython, that a
 # versioned find_package works, and that the config refuses a torch of another minor version.
 set -euo pipefail
