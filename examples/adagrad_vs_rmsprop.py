@@ -16,11 +16,12 @@ import torch
 
 from fused_adagrad import FusedAdagrad
 
+import plotting
+
 NAMES = ("FusedAdagrad", "RMSprop")
 # Regression: targets = features @ true_weights + noise; each step draws a fresh mini-batch.
 FEATURES, EXAMPLES, BATCH, STEPS, NOISE_STD = 10, 4096, 32, 500, 0.5
-# Under /build/, which .gitignore lists, so the example leaves the checkout clean.
-DEFAULT_OUT = pathlib.Path(__file__).resolve().parent.parent / "build" / "adagrad_vs_rmsprop.png"
+DEFAULT_OUT = plotting.BUILD / "adagrad_vs_rmsprop.png"
 
 
 def make_optimizer(name, params, lr, adagrad_options):
@@ -72,12 +73,8 @@ def regression_problem():
 
 
 def plot(path, results, best_loss):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        print(f"plot skipped: {e} (python -m pip install matplotlib, or run examples/demo.sh)")
+    plt = plotting.pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
     for (problem, by_name), (loss_ax, step_ax) in zip(results.items(), axes):
@@ -92,10 +89,7 @@ def plot(path, results, best_loss):
                     yscale="log")
         loss_ax.legend()
         step_ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    print(f"plot written to {path}")
+    plotting.save(fig, path)
 
 
 def main():

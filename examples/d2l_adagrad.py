@@ -10,12 +10,13 @@ import torch
 
 from fused_adagrad import FusedAdagrad
 
+import plotting
+
 START = (-5.0, -2.0)
 EPOCHS = 20
 # d2l's printed result after 20 epochs, per learning rate.
 D2L_FINAL = {0.4: (-2.382563, -0.158591), 2.0: (-0.002295, -0.000000)}
-# Under /build/, which .gitignore lists, so the example leaves the checkout clean.
-DEFAULT_OUT = pathlib.Path(__file__).resolve().parent.parent / "build" / "d2l_adagrad.png"
+DEFAULT_OUT = plotting.BUILD / "d2l_adagrad.png"
 
 
 def f_2d(x):
@@ -37,12 +38,8 @@ def train(eta):
 
 
 def plot(path, trajectories):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        print(f"plot skipped: {e} (python -m pip install matplotlib, or run examples/demo.sh)")
+    plt = plotting.pyplot()
+    if plt is None:
         return
     x1, x2 = torch.meshgrid(torch.linspace(-5.5, 1.0, 200), torch.linspace(-3.0, 1.5, 200),
                             indexing="ij")
@@ -52,10 +49,7 @@ def plot(path, trajectories):
         ax.plot(points[:, 0], points[:, 1], "-o", color="#ff7f0e", ms=4)
         ax.set(title=f"FusedAdagrad, eta {eta:g}: {EPOCHS} steps from {START}", xlabel="x1",
                ylabel="x2")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    print(f"plot written to {path}")
+    plotting.save(fig, path)
 
 
 def main():

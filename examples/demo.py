@@ -18,6 +18,8 @@ from tqdm import tqdm
 import fused_adagrad
 from fused_adagrad import FusedAdagrad
 
+import plotting
+
 STEPS = 100
 BATCH, HISTORY = 512, 20  # each example: one user id and a bag of the 20 items it interacted with
 N_USERS, N_ITEMS = 50_000, 200_000
@@ -27,8 +29,7 @@ N_USERS, N_ITEMS = 50_000, 200_000
 # steps can learn.
 HIDDEN_DIM, HIDDEN_USERS, HIDDEN_ITEMS = 4, N_USERS // 100, N_ITEMS // 100
 NOISE_STD = 0.5  # the noise floor: a perfect model's MSE is NOISE_STD ** 2
-# Under /build/, which .gitignore lists, so the demo leaves the checkout clean.
-DEFAULT_OUT = pathlib.Path(__file__).resolve().parent.parent / "build" / "demo.png"
+DEFAULT_OUT = plotting.BUILD / "demo.png"
 
 
 class Recommender(nn.Module):
@@ -93,12 +94,8 @@ def timed_step(opt):
 
 
 def plot(path, losses, step_ms, steps):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        print(f"plot skipped: {e} (python -m pip install matplotlib, or run examples/demo.sh)")
+    plt = plotting.pyplot()
+    if plt is None:
         return
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     left.plot(losses["torch default"], lw=4, alpha=0.4, label="torch.optim.Adagrad")
@@ -112,10 +109,7 @@ def plot(path, losses, step_ms, steps):
     right.bar_label(bars, fmt="%.2f ms")
     right.set(title=f"optimizer step, median of {steps} ({torch.get_num_threads()} threads)",
               ylabel="ms")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    print(f"plot written to {path}")
+    plotting.save(fig, path)
 
 
 def main():

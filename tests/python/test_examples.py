@@ -19,8 +19,10 @@ def run_example(name, *args, without_matplotlib=False):
     """The script's stdout; fails the test unless it exits 0."""
     script = str(EXAMPLES / name)
     if without_matplotlib:
-        # None in sys.modules makes `import matplotlib` raise ImportError, as when it is missing.
-        code = ("import runpy, sys; sys.modules['matplotlib'] = None; sys.argv = sys.argv[1:]; "
+        # None in sys.modules makes `import matplotlib` raise ImportError, as when it is missing;
+        # the script's folder goes first on sys.path, as `python script` puts it.
+        code = ("import os, runpy, sys; sys.modules['matplotlib'] = None; sys.argv = sys.argv[1:]; "
+                "sys.path.insert(0, os.path.dirname(sys.argv[0])); "
                 "runpy.run_path(sys.argv[0], run_name='__main__')")
         command = [sys.executable, "-c", code, script, *args]
     else:
