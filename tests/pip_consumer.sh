@@ -31,8 +31,11 @@ fail() { echo "FAILED: $*" >&2; exit 1; }
 # Whether the last log says $1 (CMake wraps its messages, so compare with whitespace squeezed).
 log_says() { tr -s ' \n' '  ' <"$WORK/log" | grep -qF "$1"; }
 
+# PIP_CONSUMER_CMAKE_ARGS: more -D options for every configure (tests/torch_version.sh's hints
+# for a CUDA torch's own CMake config).
+read -r -a EXTRA_ARGS <<<"${PIP_CONSUMER_CMAKE_ARGS:-}"
 configure() {  # source dir, build dir, extra cmake arguments
-  cmake -S "$1" -B "$2" "${GENERATOR[@]}" -DCMAKE_BUILD_TYPE=Release "${@:3}"
+  cmake -S "$1" -B "$2" "${GENERATOR[@]}" -DCMAKE_BUILD_TYPE=Release "${EXTRA_ARGS[@]}" "${@:3}"
 }
 build() {  # source dir relative to the repository, build dir name
   quiet configure "$ROOT/$1" "$WORK/$2" -DCMAKE_PREFIX_PATH="$PREFIX_PATH"

@@ -20,21 +20,34 @@ print(f"fused-adagrad {f.__version__}: torch {torch.__version__}, CPU kernel", i
 echo "==> pytest (core subset) against torch $VERSION"
 (cd "$ROOT/tests/python" && python -m pytest -q -p no:cacheprovider -rs \
   test_parity.py test_optimizer.py test_sparse.py test_rowwise.py test_op.py)
-# A CUDA torch's own CMake config needs a CUDA toolkit of its CUDA major version (FindCUDA,
-# nvToolsExt); without one no C++ program can use that torch, ours included.
-read -r torch_cuda toolkit_cuda < <(python -c '
-import re, shutil, subprocess, torch
+# A CUDA torch's own CMake config wants a CUDA toolkit of its CUDA major (FindCUDA, nvToolsExt).
+# The C++ programs here use the CPU only, so where the machine has another major (torch 2.4.1 is
+# CUDA 12.1, this machine's nvcc 13.0), that toolkit stands in, with the nvToolsExt of torch's
+# own nvidia-nvtx wheel (CUDA 13 has none); without any toolkit the programs are skipped.
+read -r torch_cuda toolkit_cuda nvtx < <(python -c '
+import os, re, shutil, subprocess, torch
 nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
 try:
     found = re.search(r"release (\d+)", subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout)
 except OSError:
     found = None
-print((torch.version.cuda or "none").split(".")[0], found.group(1) if found else "none")')
-if [ "$torch_cuda" != none ] && [ "$torch_cuda" != "$toolkit_cuda" ]; then
-  echo "==> C++ programs SKIPPED: torch $VERSION's CMake config needs a CUDA $torch_cuda toolkit" \
-       "(this machine has CUDA $toolkit_cuda)"
-else
+try:
+    import nvidia.nvtx
+    nvtx = os.path.dirname(nvidia.nvtx.__file__)
+except ImportError:
+    nvtx = "none"
+print((torch.version.cuda or "none").split(".")[0], found.group(1) if found else "none", nvtx)')
+toolkit="${CUDA_HOME:-/usr/local/cuda}"
+if [ "$torch_cuda" = none ] || [ "$torch_cuda" = "$toolkit_cuda" ]; then
   echo "==> C++ programs against the pip package, torch $VERSION"
   bash "$ROOT/tests/pip_consumer.sh" python
+elif [ -x "$toolkit/bin/nvcc" ] && [ -f "$nvtx/lib/libnvToolsExt.so.1" ]; then
+  echo "==> C++ programs against the pip package, torch $VERSION (its CMake config wants CUDA" \
+       "$torch_cuda; CUDA $toolkit_cuda at $toolkit and nvidia-nvtx's nvToolsExt stand in)"
+  CUDA_PATH="$toolkit" PIP_CONSUMER_CMAKE_ARGS="-DCUDA_nvToolsExt_LIBRARY=$nvtx/lib/libnvToolsExt.so.1 \
+-DCUDAToolkit_nvToolsExt_INCLUDE_DIR=$nvtx/include" bash "$ROOT/tests/pip_consumer.sh" python
+else
+  echo "==> C++ programs SKIPPED: torch $VERSION's CMake config needs a CUDA $torch_cuda toolkit" \
+       "(this machine has CUDA $toolkit_cuda, nvToolsExt: $nvtx)"
 fi
 echo "==> torch $VERSION: passed"
