@@ -21,7 +21,6 @@ namespace fused_adagrad::cpu {
 namespace {
 
 struct KernelChoice {
-  const char* name;
   UpdateRangeFn fn;
   SparseRangeFn sparse_fn;
   RowRangeFn rowwise_fn;
@@ -110,14 +109,14 @@ KernelChoice choose_kernel() {
   switch (s.chosen_level) {
 #if defined(__x86_64__)
     case 2:
-      return {"avx512", avx512::update_range, avx512::sparse_update_range, avx512::rowwise_update_range,
+      return {avx512::update_range, avx512::sparse_update_range, avx512::rowwise_update_range,
               avx512::rowwise_sparse_update_range, avx512::unscale};
     case 1:
-      return {"avx2", avx2::update_range, avx2::sparse_update_range, avx2::rowwise_update_range,
+      return {avx2::update_range, avx2::sparse_update_range, avx2::rowwise_update_range,
               avx2::rowwise_sparse_update_range, avx2::unscale};
 #endif
     default:
-      return {"base", base::update_range, base::sparse_update_range, base::rowwise_update_range,
+      return {base::update_range, base::sparse_update_range, base::rowwise_update_range,
               base::rowwise_sparse_update_range, base::unscale};
   }
 }
