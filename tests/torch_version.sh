@@ -24,19 +24,14 @@ echo "==> pytest (core subset) against torch $VERSION"
 # The C++ programs here use the CPU only, so where the machine has another major (torch 2.4.1 is
 # CUDA 12.1, this machine's nvcc 13.0), that toolkit stands in, with the nvToolsExt of torch's
 # own nvidia-nvtx wheel (CUDA 13 has none); without any toolkit the programs are skipped.
-read -r torch_cuda toolkit_cuda nvtx < <(python -c '
-import os, re, shutil, subprocess, torch
-nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
-try:
-    found = re.search(r"release (\d+)", subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout)
-except OSError:
-    found = None
+read -r torch_cuda toolkit_cuda nvtx < <(cd "$ROOT/tests/python" && python -c '
+import os, torch_support
 try:
     import nvidia.nvtx
     nvtx = os.path.dirname(nvidia.nvtx.__file__)
 except ImportError:
     nvtx = "none"
-print((torch.version.cuda or "none").split(".")[0], found.group(1) if found else "none", nvtx)')
+print(*torch_support.cuda_majors(), nvtx)')
 toolkit="${CUDA_HOME:-/usr/local/cuda}"
 if [ "$torch_cuda" = none ] || [ "$torch_cuda" = "$toolkit_cuda" ]; then
   echo "==> C++ programs against the pip package, torch $VERSION"

@@ -10,6 +10,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
+
+from torch_support import cuda_majors
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
@@ -22,19 +25,11 @@ def _cmake_cannot_use_torch():
     CUDA torch's own CMake config needs a toolkit of its CUDA major, which this machine lacks."""
     if shutil.which("cmake") is None:
         return "cmake is not on PATH"
-    import torch
-    if torch.version.cuda is None:
+    torch_major, toolkit_major = cuda_majors()
+    if torch_major in ("none", toolkit_major):
         return ""
-    nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
-    try:
-        found = re.search(r"release (\d+)", subprocess.run([nvcc, "--version"], capture_output=True,
-                                                            text=True).stdout)
-    except OSError:
-        found = None
-    if found and found.group(1) == torch.version.cuda.split(".")[0]:
-        return ""
-    return (f"torch {torch.__version__}'s CMake config needs a CUDA {torch.version.cuda.split('.')[0]} "
-            f"toolkit; this machine has {'CUDA ' + found.group(1) if found else 'none'}")
+    return (f"torch {torch.__version__}'s CMake config needs a CUDA {torch_major} toolkit; this "
+            f"machine has {'none' if toolkit_major == 'none' else 'CUDA ' + toolkit_major}")
 
 
 needs_cmake = pytest.mark.skipif(bool(_cmake_cannot_use_torch()), reason=_cmake_cannot_use_torch())
