@@ -132,6 +132,52 @@ void step_groups_autograd(c10::DispatchKeySet keys, at::TensorList params,
   });
 }
 
+using BagsStepFn = void(at::TensorList, at::TensorList, at::TensorList, const at::Tensor&,
+                        const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                        int64_t, c10::IntArrayRef, bool, bool, double, double, double, double, bool,
+                        bool, const std::optional<at::Tensor>&);
+
+c10::TypedOperatorHandle<BagsStepFn> bags_step_op() {
+  static const auto op = typed_op<BagsStepFn>("fused_adagrad::embedding_bags_adagrad_step_");
+  return op;
+}
+
+void bags_step_meta(at::TensorList weights, at::TensorList sums, at::TensorList steps,
+                    const at::Tensor& grad_output, const at::Tensor& indices,
+                    const at::Tensor& offsets, const std::optional<at::Tensor>& per_sample_weights,
+                    int64_t mode, c10::IntArrayRef padding_idx, bool include_last_offset,
+                    bool rowwise, double lr, double lr_decay, double weight_decay, double eps,
+                    bool maximize, bool eps_inside_sqrt, const std::optional<at::Tensor>& lr_tensor) {
+  const BagsArgs args{weights, indices, offsets, per_sample_weights, mode, padding_idx,
+                      include_last_offset};
+  const StepOptions o{lr, lr_decay, weight_decay, eps, maximize, eps_inside_sqrt, lr_tensor};
+  const Variant variant = rowwise ? Variant::RowWise : Variant::Elementwise;
+  TORCH_CHECK(variant == Variant::RowWise || weight_decay == 0,
+              "embedding bags: weight_decay is not supported by element-wise Adagrad");
+  check_metadata(variant, weights, std::vector<std::optional<at::Tensor>>(weights.size()), sums,
+                 steps, weight_decay, lr_tensor);
+  const BagsPlan plan = plan_bags(args, false);
+  TORCH_CHECK(grad_output.dim() == 2 && grad_output.size(0) == plan.batch &&
+                  grad_output.size(1) == plan.width,
+              "embedding bags: the output grad must have shape (", plan.batch, ", ", plan.width,
+              "), got ", grad_output.sizes());
+}
+
+void bags_step_autograd(c10::DispatchKeySet keys, at::TensorList weights, at::TensorList sums,
+                        at::TensorList steps, const at::Tensor& grad_output,
+                        const at::Tensor& indices, const at::Tensor& offsets,
+                        const std::optional<at::Tensor>& per_sample_weights, int64_t mode,
+                        c10::IntArrayRef padding_idx, bool include_last_offset, bool rowwise,
+                        double lr, double lr_decay, double weight_decay, double eps, bool maximize,
+                        bool eps_inside_sqrt, const std::optional<at::Tensor>& lr_tensor) {
+  autograd_around(weights, sums, steps, {}, [&] {
+    bags_step_op().redispatch(keys & c10::after_ADInplaceOrView_keyset, weights, sums, steps,
+                              grad_output, indices, offsets, per_sample_weights, mode, padding_idx,
+                              include_last_offset, rowwise, lr, lr_decay, weight_decay, eps,
+                              maximize, eps_inside_sqrt, lr_tensor);
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY(fused_adagrad, m) {
@@ -163,18 +209,38 @@ TORCH_LIBRARY(fused_adagrad, m) {
       "float[] weight_decay, float[] eps, bool[] maximize, bool[] eps_inside_sqrt, "
       "Tensor?[] lr_tensor, bool rowwise=False, Tensor? grad_scale=None, "
       "Tensor? found_inf=None) -> ()");
+  // Embedding bags over several tables (plan.h, BagsArgs: indices and offsets of all tables in
+  // nn.EmbeddingBag's convention; mode 0 sum, 1 mean; padding_idx -1 for none): the pooled rows
+  // of every table, side by side, one output row per bag (batch, sum of the tables' dims). Checks
+  // every id and offset first, naming the table, bag and position of a bad one.
+  m.def(
+      "embedding_bags_forward(Tensor[] weights, Tensor indices, Tensor offsets, "
+      "Tensor? per_sample_weights, *, int mode, int[] padding_idx, bool include_last_offset) "
+      "-> Tensor");
+  // The Adagrad step (row-wise with rowwise=True) that nn.EmbeddingBag(sparse=True)'s sparse
+  // grads would get from adagrad_step_ / rowwise_adagrad_step_, from the output grad of the same
+  // batch, without making those grads: the same rows, summed in the same order. Every table's
+  // step is incremented, touched by the batch or not.
+  m.def(
+      "embedding_bags_adagrad_step_(Tensor(a!)[] weights, Tensor(b!)[] sums, Tensor(c!)[] steps, "
+      "Tensor grad_output, Tensor indices, Tensor offsets, Tensor? per_sample_weights, *, "
+      "int mode, int[] padding_idx, bool include_last_offset, bool rowwise, float lr, "
+      "float lr_decay, float weight_decay, float eps, bool maximize, bool eps_inside_sqrt, "
+      "Tensor? lr_tensor=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fused_adagrad, Meta, m) {
   m.impl("adagrad_step_", &step_meta<Variant::Elementwise>);
   m.impl("rowwise_adagrad_step_", &step_meta<Variant::RowWise>);
   m.impl("adagrad_step_groups_", &step_groups_meta);
+  m.impl("embedding_bags_adagrad_step_", &bags_step_meta);
 }
 
 TORCH_LIBRARY_IMPL(fused_adagrad, Autograd, m) {
   m.impl("adagrad_step_", &step_autograd<Variant::Elementwise>);
   m.impl("rowwise_adagrad_step_", &step_autograd<Variant::RowWise>);
   m.impl("adagrad_step_groups_", &step_groups_autograd);
+  m.impl("embedding_bags_adagrad_step_", &bags_step_autograd);
 }
 
 void adagrad_step_(at::TensorList params, const OptionalTensorList& grads, at::TensorList sums,
@@ -219,6 +285,19 @@ void adagrad_step_groups_(at::TensorList params, const OptionalTensorList& grads
                           const std::optional<at::Tensor>& found_inf) {
   step_groups_op().call(params, grads, sums, steps, group_sizes, lr, lr_decay, weight_decay, eps,
                         maximize, eps_inside_sqrt, lr_tensor, rowwise, grad_scale, found_inf);
+}
+
+void embedding_bags_adagrad_step_(at::TensorList weights, at::TensorList sums,
+                                  at::TensorList steps, const at::Tensor& grad_output,
+                                  const at::Tensor& indices, const at::Tensor& offsets,
+                                  const std::optional<at::Tensor>& per_sample_weights,
+                                  int64_t mode, c10::IntArrayRef padding_idx,
+                                  bool include_last_offset, bool rowwise, double lr,
+                                  double lr_decay, double weight_decay, double eps, bool maximize,
+                                  bool eps_inside_sqrt, const std::optional<at::Tensor>& lr_tensor) {
+  bags_step_op().call(weights, sums, steps, grad_output, indices, offsets, per_sample_weights,
+                      mode, padding_idx, include_last_offset, rowwise, lr, lr_decay, weight_decay,
+                      eps, maximize, eps_inside_sqrt, lr_tensor);
 }
 
 #if defined(FUSED_ADAGRAD_WITH_CUDA)

@@ -492,6 +492,137 @@ StepPlan plan_step(Variant variant, at::TensorList params, GradList grads, at::T
           .front());
 }
 
+namespace {
+
+bool is_embedding_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+// The bag (of table `table`, counting from its first) that position `pos` of indices lies in.
+int64_t bag_at(const std::vector<int64_t>& offsets, int64_t pos) {
+  return std::upper_bound(offsets.begin(), offsets.end(), pos) - offsets.begin() - 1;
+}
+
+}  // namespace
+
+BagsPlan plan_bags(const BagsArgs& a, bool check_values) {
+  const int64_t tables = static_cast<int64_t>(a.weights.size());
+  TORCH_CHECK(tables > 0, "embedding bags: no tables");
+  TORCH_CHECK(static_cast<int64_t>(a.padding_idx.size()) == tables, "embedding bags: ", tables,
+              " tables but ", a.padding_idx.size(), " padding_idx values (one per table, -1 for none)");
+  TORCH_CHECK(a.mode == 0 || a.mode == 1, "embedding bags: mode ", a.mode,
+              " is not supported (0: sum, 1: mean; max has no fused backward)");
+  const at::Tensor& w0 = a.weights[0];
+  BagsPlan plan;
+  for (int64_t t = 0; t < tables; ++t) {
+    const at::Tensor& w = a.weights[t];
+    TORCH_CHECK(w.defined() && w.layout() == at::kStrided && w.dim() == 2, "embedding bags: table ",
+                t, ": the weight must be a dense 2-D tensor (rows, dim)");
+    TORCH_CHECK(is_embedding_dtype(w.scalar_type()), "embedding bags: table ", t, ": dtype ",
+                w.scalar_type(), " is not supported (float32, float64, float16, bfloat16)");
+    TORCH_CHECK(w.scalar_type() == w0.scalar_type() && w.device() == w0.device(),
+                "embedding bags: table ", t, " is ", w.scalar_type(), " on ", w.device(),
+                " but table 0 is ", w0.scalar_type(), " on ", w0.device(), "; all tables share one");
+    TORCH_CHECK(w.is_contiguous(), "embedding bags: table ", t, ": the weight must be contiguous");
+    const int64_t pad = a.padding_idx[t];
+    TORCH_CHECK(pad >= -1 && pad < w.size(0), "embedding bags: table ", t, ": padding_idx ", pad,
+                " is out of range for a table of ", w.size(0), " rows");
+    plan.tables.push_back(BagTable{{}, {}, {}, pad, plan.width});
+    plan.width += w.size(1);
+  }
+  for (const at::Tensor* t : {&a.indices, &a.offsets}) {
+    const char* name = t == &a.indices ? "indices" : "offsets";
+    TORCH_CHECK(t->defined() && t->layout() == at::kStrided && t->dim() == 1 &&
+                    (t->scalar_type() == at::kLong || t->scalar_type() == at::kInt),
+                "embedding bags: ", name, " must be a 1-D int64 or int32 tensor");
+    TORCH_CHECK(t->device() == w0.device(), "embedding bags: ", name, " are on ", t->device(),
+                " but the tables are on ", w0.device());
+  }
+  const int64_t n = a.indices.numel();
+  const at::Tensor* psw = a.per_sample_weights.has_value() && a.per_sample_weights->defined()
+                              ? &*a.per_sample_weights
+                              : nullptr;
+  if (psw != nullptr) {
+    TORCH_CHECK(a.mode == 0, "embedding bags: per_sample_weights are only supported with mode sum");
+    TORCH_CHECK(psw->layout() == at::kStrided && psw->dim() == 1 && psw->numel() == n,
+                "embedding bags: per_sample_weights must be 1-D with one weight per index (", n,
+                "), got shape ", psw->sizes());
+    TORCH_CHECK(psw->scalar_type() == w0.scalar_type() && psw->device() == w0.device(),
+                "embedding bags: per_sample_weights are ", psw->scalar_type(), " on ", psw->device(),
+                " but the tables are ", w0.scalar_type(), " on ", w0.device());
+  }
+  const int64_t ends = a.include_last_offset ? 1 : 0;
+  const int64_t starts = a.offsets.numel() - ends;
+  TORCH_CHECK(starts >= 0 && starts % tables == 0, "embedding bags: ", a.offsets.numel(),
+              " offsets for ", tables, " tables: expected tables * batch",
+              a.include_last_offset ? " + 1 (include_last_offset)" : "");
+  plan.batch = starts / tables;
+  if (!check_values) return plan;
+
+  const at::Tensor offsets = a.offsets.to(at::kCPU, at::kLong).contiguous();
+  const int64_t* off = offsets.const_data_ptr<int64_t>();
+  TORCH_CHECK(starts > 0 || n == 0, "embedding bags: ", n, " indices but no bags");
+  for (int64_t k = 0; k < a.offsets.numel(); ++k) {
+    TORCH_CHECK(k > 0 || off[0] == 0, "embedding bags: offsets[0] is ", off[0], "; it must be 0");
+    TORCH_CHECK(k == 0 || off[k] >= off[k - 1], "embedding bags: offsets[", k, "] = ", off[k],
+                " is smaller than offsets[", k - 1, "] = ", off[k - 1]);
+    TORCH_CHECK(off[k] <= n, "embedding bags: offsets[", k, "] = ", off[k], " is past the ", n,
+                " indices");
+  }
+  TORCH_CHECK(!a.include_last_offset || off[starts] == n, "embedding bags: the last offset is ",
+              off[starts], " but there are ", n, " indices (include_last_offset: it ends the last bag)");
+  const at::Tensor indices = a.indices.to(at::kLong).contiguous();
+  const at::Tensor host = indices.to(at::kCPU);
+  const int64_t* ids = host.const_data_ptr<int64_t>();
+  const int64_t batch = plan.batch;
+  for (int64_t t = 0; t < tables; ++t) {
+    BagTable& table = plan.tables[t];
+    const int64_t begin = batch == 0 ? 0 : off[t * batch];
+    const int64_t end = t + 1 < tables || a.include_last_offset ? (batch == 0 ? 0 : off[(t + 1) * batch]) : n;
+    table.offsets.assign(off + t * batch, off + (t + 1) * batch);
+    table.offsets.push_back(end);
+    for (int64_t& o : table.offsets) o -= begin;
+    const int64_t rows = a.weights[t].size(0);
+    for (int64_t pos = begin; pos < end; ++pos) {
+      TORCH_CHECK(ids[pos] >= 0 && ids[pos] < rows, "embedding bags: table ", t, ", bag ",
+                  bag_at(table.offsets, pos - begin), ": id ", ids[pos], " (position ", pos,
+                  " of indices) is out of range for a table of ", rows, " rows");
+    }
+    table.indices = indices.narrow(0, begin, end - begin);
+    if (psw != nullptr) table.per_sample_weights = psw->narrow(0, begin, end - begin).contiguous();
+  }
+  return plan;
+}
+
+void check_bags_step(Variant variant, const BagsArgs& a, const BagsPlan& plan,
+                     at::TensorList sums, at::TensorList steps, const at::Tensor& grad_output,
+                     const StepOptions& options) {
+  TORCH_CHECK(variant == Variant::RowWise || options.weight_decay == 0,
+              "embedding bags: weight_decay is not supported by element-wise Adagrad, whose "
+              "grads here are sparse (torch.optim.Adagrad refuses it for sparse grads too); "
+              "use the row-wise optimizer, which applies it to the rows a batch touches");
+  const std::vector<std::optional<at::Tensor>> no_grads(a.weights.size());
+  try {
+    plan_step(variant, a.weights, no_grads, sums, steps, options);  // checks state, lr, aliasing
+  } catch (const c10::Error& e) {
+    std::string message = e.msg();
+    if (message.rfind("param ", 0) == 0) message.replace(0, 5, "table");
+    TORCH_CHECK(false, "embedding bags: ", message);
+  }
+  for (size_t t = 0; t < sums.size(); ++t) {
+    TORCH_CHECK(sums[t].is_contiguous(), "embedding bags: table ", t, ": state 'sum' must be contiguous");
+  }
+  const at::Tensor& w0 = a.weights[0];
+  TORCH_CHECK(grad_output.defined() && grad_output.layout() == at::kStrided &&
+                  grad_output.dim() == 2 && grad_output.size(0) == plan.batch &&
+                  grad_output.size(1) == plan.width,
+              "embedding bags: the output grad must have shape (", plan.batch, ", ", plan.width,
+              "), got ", grad_output.sizes());
+  TORCH_CHECK(grad_output.scalar_type() == w0.scalar_type() && grad_output.device() == w0.device(),
+              "embedding bags: the output grad is ", grad_output.scalar_type(), " on ",
+              grad_output.device(), " but the tables are ", w0.scalar_type(), " on ", w0.device());
+}
+
 void StepPlan::write_back() const {
   for (const Staged& s : staged) s.user.copy_(s.work);
 }

@@ -135,6 +135,45 @@ std::vector<StepPlan> plan_groups(Variant variant, at::TensorList params, GradLi
 StepPlan plan_step(Variant variant, at::TensorList params, GradList grads, at::TensorList sums,
                    at::TensorList steps, const StepOptions& options);
 
+// One batch of bags over several embedding tables (ops embedding_bags_forward and
+// embedding_bags_adagrad_step_), in nn.EmbeddingBag's convention for all tables at once, as
+// TorchRec and FBGEMM pass them: `indices` holds every table's ids, table after table; `offsets`
+// starts each bag, tables * batch of them, plus with include_last_offset the end of the last bag;
+// bags t * batch .. (t + 1) * batch - 1 are table t's. mode: 0 sum, 1 mean.
+struct BagsArgs {
+  at::TensorList weights;
+  const at::Tensor& indices;
+  const at::Tensor& offsets;
+  const std::optional<at::Tensor>& per_sample_weights;
+  int64_t mode;
+  c10::IntArrayRef padding_idx;  // one per table, in [0, rows) or -1 for none
+  bool include_last_offset;
+};
+
+// Table t's part of a batch, as nn.EmbeddingBag(include_last_offset=True) takes it.
+struct BagTable {
+  at::Tensor indices;                  // int64, contiguous, on the batch's device
+  at::Tensor per_sample_weights;       // undefined without
+  std::vector<int64_t> offsets;        // batch + 1 offsets into `indices`, from 0
+  int64_t padding_idx, column;         // column: of its first element in an output row
+};
+
+struct BagsPlan {
+  int64_t batch = 0, width = 0;  // output rows and columns
+  std::vector<BagTable> tables;
+};
+
+// Checks the tables and the batch and splits it by table. With check_values, also every offset
+// and id (out of range or negative: an error naming the table, bag and position); a CUDA batch is
+// read on the host for that (a synchronization). Without, only metadata (meta and fake tensors).
+BagsPlan plan_bags(const BagsArgs& args, bool check_values);
+
+// Checks a step of the tables' Adagrad before anything changes: the weights, their state (as
+// plan_step checks a param's, errors naming "table i") and the output grad's shape.
+void check_bags_step(Variant variant, const BagsArgs& args, const BagsPlan& plan,
+                     at::TensorList sums, at::TensorList steps, const at::Tensor& grad_output,
+                     const StepOptions& options);
+
 // The learning rate as the host reads it, once per step (a device lr tensor synchronizes).
 struct HostLearningRate {
   double value;

@@ -126,6 +126,8 @@ const KernelChoice& kernel() {
   return choice;
 }
 
+}  // namespace
+
 Dtype kernel_dtype(at::ScalarType t) {
   switch (t) {
     case at::kFloat: return Dtype::Float;
@@ -138,65 +140,63 @@ Dtype kernel_dtype(at::ScalarType t) {
   }
 }
 
-// Below this many elements in total a step runs on the calling thread.
-constexpr int64_t kGrainSize = 32768;
+// Entries in order of the table row they update, ties in entry order: a stable LSD radix sort
+// on 8-bit digits of the row id, O(entries) per digit, buffers sized by the entries (never by
+// the table); then the distinct rows and where each one's entries start.
+RowSegments segment_by_row(const int64_t* row_of, std::vector<int64_t> entries, int64_t row_count) {
+  RowSegments s;
+  s.order = std::move(entries);
+  std::vector<int64_t> next(s.order.size());
+  int bits = 0;
+  while (bits < 63 && (int64_t{1} << bits) < row_count) ++bits;
+  for (int shift = 0; shift < bits; shift += 8) {
+    size_t start[257] = {0};
+    for (int64_t e : s.order) ++start[((row_of[e] >> shift) & 255) + 1];
+    for (int d = 0; d < 256; ++d) start[d + 1] += start[d];
+    for (int64_t e : s.order) next[start[(row_of[e] >> shift) & 255]++] = e;
+    s.order.swap(next);
+  }
+  for (size_t j = 0; j < s.order.size(); ++j) {
+    const int64_t r = row_of[s.order[j]];
+    if (j == 0 || r != s.rows.back()) {
+      s.segments.push_back(static_cast<int64_t>(j));
+      s.rows.push_back(r);
+    }
+  }
+  s.segments.push_back(static_cast<int64_t>(s.order.size()));
+  return s;
+}
+
+SparseUpdate sparse_update(const RowSegments& s, const at::Tensor& param, const at::Tensor& sum,
+                           const void* values, int64_t row_len) {
+  return SparseUpdate{param.data_ptr(), sum.data_ptr(), values, nullptr, row_len, nullptr, nullptr,
+                      s.order.data(), s.segments.data(), s.rows.data(), row_len,
+                      kernel_dtype(param.scalar_type()), 0.0, 0.0, 0.0, false, false};
+}
+
+SparseRangeFn sparse_kernel(Variant variant) {
+  return variant == Variant::Elementwise ? kernel().sparse_fn : kernel().rowwise_sparse_fn;
+}
+
+namespace {
 
 // With a grad_scale, each thread unscales this many elements of its range and then updates them
 // while they are still in its L1 cache (a grad is read from memory once, as without scaling).
 constexpr int64_t kUnscaleChunk = 4096;
 
-// Value rows in order of the table row they update, ties in grad order: a stable LSD radix sort
-// on 8-bit digits of the row id, O(nnz) per digit, buffers sized by nnz (never by the table).
-std::vector<int64_t> order_by_row(const std::vector<int64_t>& row_of, int64_t rows) {
-  const size_t n = row_of.size();
-  std::vector<int64_t> order(n), next(n);
-  for (size_t k = 0; k < n; ++k) order[k] = static_cast<int64_t>(k);
-  int bits = 0;
-  while (bits < 63 && (int64_t{1} << bits) < rows) ++bits;
-  for (int shift = 0; shift < bits; shift += 8) {
-    size_t start[257] = {0};
-    for (int64_t k : order) ++start[((row_of[k] >> shift) & 255) + 1];
-    for (int d = 0; d < 256; ++d) start[d + 1] += start[d];
-    for (int64_t k : order) next[start[(row_of[k] >> shift) & 255]++] = k;
-    order.swap(next);
-  }
-  return order;
-}
-
-// One param with a sparse COO grad, laid out for the sparse kernels: its distinct rows, the
-// grad's value rows in row order, and a scratch row for each row that repeats.
+// One param with a sparse COO grad, laid out for the sparse kernels: its distinct rows and the
+// grad's value rows in row order.
 struct SparseWork {
-  at::Tensor scratch;
-  std::vector<int64_t> order, segments, rows, scratch_row;
+  RowSegments segments;
   SparseUpdate update;
 };
 
-SparseWork sparse_work(Variant variant, const SparseParam& sp) {
+SparseWork sparse_work(const SparseParam& sp) {
   SparseWork w;
-  w.order = order_by_row(sp.row_of, sp.row_count);
-  for (size_t j = 0; j < w.order.size(); ++j) {
-    const int64_t r = sp.row_of[w.order[j]];
-    if (j == 0 || r != w.rows.back()) {
-      w.segments.push_back(static_cast<int64_t>(j));
-      w.rows.push_back(r);
-    }
-  }
-  w.segments.push_back(static_cast<int64_t>(w.order.size()));
-  int64_t repeated = 0;
-  w.scratch_row.resize(w.rows.size());
-  for (size_t k = 0; k < w.rows.size(); ++k) {
-    w.scratch_row[k] = w.segments[k + 1] - w.segments[k] > 1 ? repeated++ : -1;
-  }
-  // Element-wise sums duplicates in the param's dtype (as torch's coalesce), row-wise in its
-  // math type.
-  const at::ScalarType acc_dtype = variant == Variant::Elementwise
-                                       ? sp.values.scalar_type()
-                                       : rowwise_sum_dtype(sp.values.scalar_type());
-  if (repeated > 0) w.scratch = at::empty({repeated, sp.row_len}, sp.values.options().dtype(acc_dtype));
-  w.update = SparseUpdate{sp.param.data_ptr(), sp.sum.data_ptr(), sp.values.const_data_ptr(),
-                          repeated > 0 ? w.scratch.data_ptr() : nullptr, w.scratch_row.data(),
-                          w.order.data(), w.segments.data(), w.rows.data(), sp.row_len,
-                          kernel_dtype(sp.param.scalar_type()), 0.0, 0.0, 0.0, false, false};
+  std::vector<int64_t> entries(sp.row_of.size());
+  for (size_t e = 0; e < entries.size(); ++e) entries[e] = static_cast<int64_t>(e);
+  w.segments = segment_by_row(sp.row_of.data(), std::move(entries), sp.row_count);
+  w.update = sparse_update(w.segments, sp.param, sp.sum, sp.values.const_data_ptr(), sp.row_len);
   return w;
 }
 
@@ -255,7 +255,7 @@ void run_plan(Variant variant, const StepPlan& plan, at::TensorList all_params,
   const float grad_scale = unscaling ? plan.scaling.grad_scale->item<float>() : 1.0f;
   std::vector<SparseWork> sparse;
   for (const SparseParam& sp : plan.sparse) {
-    if (sp.param.is_cpu()) sparse.push_back(sparse_work(variant, sp));
+    if (sp.param.is_cpu()) sparse.push_back(sparse_work(sp));
   }
 
   // Steps and learning rates: nothing below can fail.
@@ -320,13 +320,9 @@ void run_plan(Variant variant, const StepPlan& plan, at::TensorList all_params,
   for (const SparseParam& sp : plan.sparse) {
     if (!sp.param.is_cpu()) continue;
     SparseWork& w = sparse[next++];
-    w.update.neg_clr = neg_clrs[sp.index];
-    w.update.weight_decay = variant == Variant::RowWise ? o.weight_decay : 0.0;
-    w.update.eps = o.eps;
-    w.update.maximize = o.maximize;
-    w.update.eps_inside_sqrt = o.eps_inside_sqrt;
+    set_sparse_options(w.update, variant, o, neg_clrs[sp.index]);
     const SparseRangeFn fn = variant == Variant::Elementwise ? chosen.sparse_fn : chosen.rowwise_sparse_fn;
-    const int64_t grain = std::max<int64_t>(1, kGrainSize / std::max<int64_t>(1, sp.row_len));
+    const int64_t grain = sparse_row_grain(sp.row_len);
     if (unscaling) {  // the value rows, before any row sums them (they are few: nnz rows)
       const Dtype dtype = kernel_dtype(sp.values.scalar_type());
       at::parallel_for(0, sp.values.size(0), grain, [&](int64_t begin, int64_t end) {
@@ -334,8 +330,8 @@ void run_plan(Variant variant, const StepPlan& plan, at::TensorList all_params,
                           (end - begin) * sp.row_len, grad_scale);
       });
     }
-    at::parallel_for(0, static_cast<int64_t>(w.rows.size()), grain,
-                     [&](int64_t begin, int64_t end) { fn(w.update, begin, end); });
+    at::parallel_for(0, static_cast<int64_t>(w.segments.rows.size()), grain,
+                     [&](int64_t begin, int64_t end) { sparse_update_rows(fn, w.update, begin, end); });
   }
 }
 

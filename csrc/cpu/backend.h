@@ -1,8 +1,12 @@
-// The CPU backend's entry point for a plan, also used by the CUDA backend for the CPU params of
-// a call that reached it (a group mixing CPU and CUDA params).
+// The CPU backend's entry points for a plan (also used by the CUDA backend for the CPU params of
+// a call that reached it: a group mixing CPU and CUDA params) and the pieces of the sparse step
+// that the embedding-bag step (embedding_bags_cpu.cpp) shares with it.
 #pragma once
 
 #include "../plan.h"
+#include "kernel.h"
+
+#include <vector>
 
 namespace fused_adagrad::cpu {
 
@@ -10,5 +14,48 @@ namespace fused_adagrad::cpu {
 // left to their backend). `params` and `steps` are the op's lists (the plan's group is a slice of
 // them). Does not write staged copies back: the caller calls plan.write_back().
 void run_plan(Variant variant, const StepPlan& plan, at::TensorList params, at::TensorList steps);
+
+// Below this many elements in total a step runs on the calling thread.
+constexpr int64_t kGrainSize = 32768;
+
+// Distinct rows per chunk of a sparse update: at least kGrainSize elements of work.
+inline int64_t sparse_row_grain(int64_t row_len) {
+  return row_len > 0 && row_len < kGrainSize ? kGrainSize / row_len : 1;
+}
+
+// A sparse update's entries sorted by the table row they add to (SparseUpdate's order,
+// segments and rows).
+struct RowSegments {
+  std::vector<int64_t> order, segments, rows;
+};
+
+// Sorts `entries` (in entry order) by row_of[entry], stably, and finds the distinct rows.
+RowSegments segment_by_row(const int64_t* row_of, std::vector<int64_t> entries, int64_t row_count);
+
+// The update of a table (param, sum) by the segmented entries: entry e's grad row is row e of
+// `values` (a COO grad's), until the caller sets value_row and entry_scale; options unset.
+SparseUpdate sparse_update(const RowSegments& segments, const at::Tensor& param,
+                           const at::Tensor& sum, const void* values, int64_t row_len);
+
+inline void set_sparse_options(SparseUpdate& u, Variant variant, const StepOptions& o, double neg_clr) {
+  u.neg_clr = neg_clr;
+  u.weight_decay = variant == Variant::RowWise ? o.weight_decay : 0.0;
+  u.eps = o.eps;
+  u.maximize = o.maximize;
+  u.eps_inside_sqrt = o.eps_inside_sqrt;
+}
+
+Dtype kernel_dtype(at::ScalarType t);
+
+// Runs a sparse update over distinct rows [begin, end) with a scratch row of its own.
+inline void sparse_update_rows(SparseRangeFn fn, SparseUpdate u, int64_t begin, int64_t end) {
+  std::vector<double> scratch(u.row_len);  // room for a row of either summing type
+  u.scratch = scratch.data();
+  fn(u, begin, end);
+}
+
+// The selected kernel's sparse update (element-wise or row-wise); throws for a bad
+// FUSED_ADAGRAD_CPU_KERNEL request.
+SparseRangeFn sparse_kernel(Variant variant);
 
 }  // namespace fused_adagrad::cpu

@@ -34,19 +34,26 @@ struct Update {
 
 using UpdateRangeFn = void (*)(const Update& update, int64_t begin, int64_t end);
 
-// One param with a sparse COO grad, seen as a table of rows of `row_len` elements. `values` are
-// the grad's nnz rows; `order` lists them sorted by table row (ties in grad order), and
-// order[segments[k]] .. order[segments[k + 1] - 1] are the grad rows of the k-th distinct table
-// row, `rows[k]`. A distinct row seen more than once is summed first, into scratch row
-// scratch_row[k]. Row-wise: `sum` holds one value per table row (of the math type: float, or
-// double for double), the scratch rows are of the math type too, and weight decay applies to the
-// touched rows.
+// One table's sparse update: a param seen as a table of rows of `row_len` elements, and grad
+// rows ("entries") that each add to one table row. `order` lists the entries sorted by table row
+// (ties in entry order), and order[segments[k]] .. order[segments[k + 1] - 1] are the entries of
+// the k-th distinct table row, `rows[k]`; a row's entries are summed in that order first (in the
+// param's dtype element-wise, as torch's coalesce sums; in the math type row-wise).
+// Entry e's grad row starts at element (value_row ? value_row[e] : e) * value_stride of `values`
+// and, with an `entry_scale` (of the param's dtype), is first multiplied by entry_scale[e] and
+// rounded to the dtype: a sparse COO grad's value rows are the entries themselves; an embedding
+// bag's entries are its looked-up ids, each reading its bag's output grad row, scaled by its
+// per_sample_weight or 1 / bag size. `scratch` holds a row of the summing type, the caller's own
+// for this call (the kernels allocate nothing). Row-wise: `sum` holds one value per table row (of the math
+// type: float, or double for double) and weight decay applies to the touched rows.
 struct SparseUpdate {
   void* param;
   void* sum;
   const void* values;
-  void* scratch;  // row_len elements per row seen more than once
-  const int64_t* scratch_row;
+  const int64_t* value_row;
+  int64_t value_stride;
+  const void* entry_scale;
+  void* scratch;
   const int64_t* order;
   const int64_t* segments;
   const int64_t* rows;

@@ -656,12 +656,19 @@ void sparse_update_row(typename T::S* __restrict param, const typename T::S* __r
 // latency of fetching them: ask for the param, sum and grad rows a few rows ahead of their use.
 constexpr int64_t kPrefetchRows = 4;
 
+// The first element of entry e's grad row.
+template <typename S>
+inline const S* entry_row(const SparseUpdate& u, int64_t e) {
+  const int64_t row = u.value_row ? u.value_row[e] : e;
+  return static_cast<const S*>(u.values) + row * u.value_stride;
+}
+
 template <typename S>
 inline void prefetch_rows(const SparseUpdate& u, int64_t k, int64_t sum_row_bytes) {
   const int64_t bytes = u.row_len * static_cast<int64_t>(sizeof(S));
   const char* p = static_cast<const char*>(u.param) + u.rows[k] * bytes;
   const char* s = static_cast<const char*>(u.sum) + u.rows[k] * sum_row_bytes;
-  const char* g = static_cast<const char*>(u.values) + u.order[u.segments[k]] * bytes;
+  const char* g = reinterpret_cast<const char*>(entry_row<S>(u, u.order[u.segments[k]]));
   for (int64_t b = 0; b < bytes; b += 64) {
     __builtin_prefetch(p + b, 1);
     __builtin_prefetch(g + b, 0);
@@ -669,30 +676,39 @@ inline void prefetch_rows(const SparseUpdate& u, int64_t k, int64_t sum_row_byte
   for (int64_t b = 0; b < sum_row_bytes; b += 64) __builtin_prefetch(s + b, 1);
 }
 
-// Sums duplicate value rows of sparse grads in grad order, and prefetches the rows ahead: both
-// kernels for sparse grads walk distinct rows this way, and differ only in the row update.
-// `Acc` is the type duplicates are summed in (the param's dtype for element-wise, as torch's
-// coalesce sums; the math type for row-wise); `update_row(k, grad_row, grad_is_acc)`.
+// Sums each distinct row's entries in entry order (scaling each first, when asked), and
+// prefetches the rows ahead: both kernels for sparse grads walk distinct rows this way, and
+// differ only in the row update. `Acc` is the type entries are summed in (the param's dtype for
+// element-wise, as torch's coalesce sums; the math type for row-wise), into u.scratch: one
+// thread sums a row, so the result does not depend on how rows are split over threads.
+// `update_row(k, grad_row, grad_is_acc)`.
 template <typename T, typename Acc, typename LoadAcc, typename StoreAcc, typename RowFn>
 inline void for_each_distinct_row(const SparseUpdate& u, int64_t begin, int64_t end,
                                   int64_t sum_row_bytes, LoadAcc load_acc, StoreAcc store_acc,
                                   RowFn update_row) {
   using S = typename T::S;
+  using M = typename T::M;
   const int64_t n = u.row_len;
-  const auto* values = static_cast<const S*>(u.values);
+  const auto* scale = static_cast<const S*>(u.entry_scale);
+  // Entry e's element i as torch materializes it: scaled grads are rounded to the dtype.
+  const auto value = [&](const S* g, int64_t e, int64_t i) -> M {
+    return scale ? T::round(T::load(g[i]) * T::load(scale[e])) : T::load(g[i]);
+  };
+  Acc* acc = static_cast<Acc*>(u.scratch);
   for (int64_t k = begin; k < end; ++k) {
     if (k + kPrefetchRows < end) prefetch_rows<S>(u, k + kPrefetchRows, sum_row_bytes);
     const int64_t first = u.segments[k], last = u.segments[k + 1];
-    const S* g = values + u.order[first] * n;
-    if (last - first == 1) {
-      update_row(k, static_cast<const void*>(g), false);
+    const int64_t e0 = u.order[first];
+    if (last - first == 1 && !scale) {
+      update_row(k, static_cast<const void*>(entry_row<S>(u, e0)), false);
       continue;
     }
-    Acc* acc = static_cast<Acc*>(u.scratch) + u.scratch_row[k] * n;
-    for (int64_t i = 0; i < n; ++i) acc[i] = store_acc(T::load(g[i]));
+    const S* g = entry_row<S>(u, e0);
+    for (int64_t i = 0; i < n; ++i) acc[i] = store_acc(value(g, e0, i));
     for (int64_t j = first + 1; j < last; ++j) {
-      const S* v = values + u.order[j] * n;
-      for (int64_t i = 0; i < n; ++i) acc[i] = store_acc(load_acc(acc[i]) + T::load(v[i]));
+      const int64_t e = u.order[j];
+      const S* v = entry_row<S>(u, e);
+      for (int64_t i = 0; i < n; ++i) acc[i] = store_acc(load_acc(acc[i]) + value(v, e, i));
     }
     update_row(k, static_cast<const void*>(acc), true);
   }

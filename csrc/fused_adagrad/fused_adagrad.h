@@ -1,6 +1,7 @@
 // Public C++ API of fused-adagrad: a drop-in for torch::optim::Adagrad whose step is one fused
 // pass over param, grad and the squared-gradient sum, its row-wise variant RowWiseAdagrad, and
-// direct access to the ops they run.
+// direct access to the ops they run; and embedding tables stepped in their backward
+// (embedding_bags.h, FusedEmbeddingBags).
 #pragma once
 
 #include <torch/optim/optimizer.h>
@@ -271,3 +272,5 @@ inline const int kLinkAnchor = link_anchor();
 }  // namespace detail
 
 }  // namespace fused_adagrad
+
+#include "embedding_bags.h"  // NOLINT(build/include): after FUSED_ADAGRAD_API

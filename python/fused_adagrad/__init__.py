@@ -3,6 +3,7 @@
     from fused_adagrad import FusedAdagrad, RowWiseAdagrad
     opt = FusedAdagrad(model.parameters(), lr=0.01)   # same arguments as torch.optim.Adagrad
     emb_opt = RowWiseAdagrad(embeddings.parameters())  # one accumulator per row
+    bags = FusedEmbeddingBags([(1_000_000, 64)] * 8)     # tables stepped inside backward
 """
 import os
 
@@ -44,6 +45,7 @@ _check_cpu_kernel_request()
 
 from .optimizer import FusedAdagrad  # noqa: E402
 from .rowwise import RowWiseAdagrad  # noqa: E402
+from .embedding_bags import FusedEmbeddingBags  # noqa: E402
 
 
 # For C++ programs, like torch.utils.cmake_prefix_path: with both in CMAKE_PREFIX_PATH,
@@ -60,4 +62,4 @@ def build_info() -> dict:
     return {**_C.build_info(), "cuda_not_built_because": cuda_not_built_because}
 
 
-__all__ = ["FusedAdagrad", "RowWiseAdagrad", "build_info", "cmake_prefix_path", "__version__"]
+__all__ = ["FusedAdagrad", "RowWiseAdagrad", "FusedEmbeddingBags", "build_info", "cmake_prefix_path", "__version__"]

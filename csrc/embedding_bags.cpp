@@ -1,0 +1,188 @@
+// The forward of embedding_bags_forward (any device: torch's own embedding_bag per table, so the
+// pooled values are nn.EmbeddingBag's to the bit) and the LibTorch module FusedEmbeddingBags,
+// whose backward runs embedding_bags_adagrad_step_.
+#include "fused_adagrad/fused_adagrad.h"
+#include "plan.h"
+
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <string>
+
+namespace fused_adagrad {
+
+namespace {
+
+at::Tensor bags_forward(at::TensorList weights, const at::Tensor& indices, const at::Tensor& offsets,
+                        const std::optional<at::Tensor>& per_sample_weights, int64_t mode,
+                        c10::IntArrayRef padding_idx, bool include_last_offset) {
+  const BagsPlan plan = plan_bags(
+      {weights, indices, offsets, per_sample_weights, mode, padding_idx, include_last_offset}, true);
+  std::vector<at::Tensor> pooled;
+  for (size_t t = 0; t < weights.size(); ++t) {
+    const BagTable& table = plan.tables[t];
+    const at::Tensor table_offsets =
+        at::tensor(table.offsets, at::TensorOptions(at::kLong)).to(indices.device());
+    std::optional<at::Tensor> psw;
+    if (table.per_sample_weights.defined()) psw = table.per_sample_weights;
+    // The op reads -1 as the last row; no padding is nullopt.
+    const std::optional<int64_t> padding =
+        table.padding_idx < 0 ? std::nullopt : std::optional<int64_t>(table.padding_idx);
+    pooled.push_back(std::get<0>(at::embedding_bag(weights[t], table.indices, table_offsets,
+                                                   /*scale_grad_by_freq=*/false, mode,
+                                                   /*sparse=*/false, psw,
+                                                   /*include_last_offset=*/true, padding)));
+  }
+  return at::cat(pooled, 1);
+}
+
+at::Tensor bags_forward_meta(at::TensorList weights, const at::Tensor& indices,
+                             const at::Tensor& offsets,
+                             const std::optional<at::Tensor>& per_sample_weights, int64_t mode,
+                             c10::IntArrayRef padding_idx, bool include_last_offset) {
+  const BagsPlan plan = plan_bags(
+      {weights, indices, offsets, per_sample_weights, mode, padding_idx, include_last_offset}, false);
+  return at::empty({plan.batch, plan.width}, weights[0].options());
+}
+
+using ForwardFn = at::Tensor(at::TensorList, const at::Tensor&, const at::Tensor&,
+                             const std::optional<at::Tensor>&, int64_t, c10::IntArrayRef, bool);
+
+// The module's autograd function: forward pools, backward steps the tables and gives no grads.
+struct BagsFunction : public torch::autograd::Function<BagsFunction> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, FusedEmbeddingBagsImpl* bags,
+                               const torch::Tensor& indices, const torch::Tensor& offsets,
+                               const torch::Tensor& per_sample_weights, at::TensorList weights) {
+    ctx->saved_data["bags"] = reinterpret_cast<int64_t>(bags);
+    ctx->saved_data["updates"] = bags->updates();
+    ctx->saved_data["indices"] = indices;
+    ctx->saved_data["offsets"] = offsets;
+    ctx->saved_data["per_sample_weights"] = per_sample_weights;
+    ctx->saved_data["stepped"] = false;
+    ctx->saved_data["inputs"] = static_cast<int64_t>(4 + weights.size());
+    const std::optional<torch::Tensor> psw =
+        per_sample_weights.defined() ? std::optional<torch::Tensor>(per_sample_weights) : std::nullopt;
+    return embedding_bags_forward(weights, indices, offsets, psw, bags->mode_code(),
+                                  bags->padding_idx(), bags->options.include_last_offset());
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    TORCH_CHECK(!ctx->saved_data["stepped"].toBool(),
+                "FusedEmbeddingBags: a second backward through the same forward would update the "
+                "tables twice with one batch's grads; its Adagrad step already ran in the first");
+    ctx->saved_data["stepped"] = true;
+    auto* bags = reinterpret_cast<FusedEmbeddingBagsImpl*>(ctx->saved_data["bags"].toInt());
+    bags->step_from_output_grad(grads[0], ctx->saved_data["indices"].toTensor(),
+                                ctx->saved_data["offsets"].toTensor(),
+                                ctx->saved_data["per_sample_weights"].toTensor(),
+                                ctx->saved_data["updates"].toInt());
+    return torch::autograd::variable_list(ctx->saved_data["inputs"].toInt());
+  }
+};
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_adagrad, CompositeExplicitAutograd, m) {
+  m.impl("embedding_bags_forward", &bags_forward);
+}
+TORCH_LIBRARY_IMPL(fused_adagrad, Meta, m) {
+  m.impl("embedding_bags_forward", &bags_forward_meta);
+}
+
+torch::Tensor embedding_bags_forward(at::TensorList weights, const torch::Tensor& indices,
+                                     const torch::Tensor& offsets,
+                                     const std::optional<torch::Tensor>& per_sample_weights,
+                                     int64_t mode, c10::IntArrayRef padding_idx,
+                                     bool include_last_offset) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fused_adagrad::embedding_bags_forward", "")
+                             .typed<ForwardFn>();
+  return op.call(weights, indices, offsets, per_sample_weights, mode, padding_idx,
+                 include_last_offset);
+}
+
+FusedEmbeddingBagsOptions::FusedEmbeddingBagsOptions(std::vector<EmbeddingTable> tables)
+    : tables_(std::move(tables)) {}
+
+FusedEmbeddingBagsImpl::FusedEmbeddingBagsImpl(FusedEmbeddingBagsOptions options_)
+    : options(std::move(options_)) {
+  const FusedEmbeddingBagsOptions& o = options;
+  TORCH_CHECK(!o.tables().empty(), "FusedEmbeddingBags: no tables");
+  TORCH_CHECK(o.lr() >= 0, "Invalid learning rate: ", o.lr());
+  TORCH_CHECK(o.lr_decay() >= 0, "Invalid lr_decay value: ", o.lr_decay());
+  TORCH_CHECK(o.weight_decay() >= 0, "Invalid weight_decay value: ", o.weight_decay());
+  TORCH_CHECK(o.initial_accumulator_value() >= 0, "Invalid initial_accumulator_value value: ",
+              o.initial_accumulator_value());
+  TORCH_CHECK(o.eps() >= 0, "Invalid epsilon value: ", o.eps());
+  TORCH_CHECK(o.rowwise() || o.weight_decay() == 0,
+              "FusedEmbeddingBags: weight_decay needs rowwise(true) (element-wise Adagrad refuses "
+              "it for sparse grads, as torch::optim::Adagrad does)");
+  TORCH_CHECK(!std::holds_alternative<torch::enumtype::kMax>(o.mode()),
+              "FusedEmbeddingBags: mode kMax has no fused backward; use kSum or kMean");
+  const auto opts = torch::TensorOptions().dtype(o.dtype()).device(o.device());
+  const at::ScalarType sum_dtype = o.rowwise() ? rowwise_sum_dtype(o.dtype()) : o.dtype();
+  for (size_t t = 0; t < o.tables().size(); ++t) {
+    const EmbeddingTable& table = o.tables()[t];
+    TORCH_CHECK(table.rows > 0 && table.dim > 0, "FusedEmbeddingBags: table ", t, " has shape (",
+                table.rows, ", ", table.dim, ")");
+    int64_t pad = table.padding_idx.value_or(-1);
+    if (table.padding_idx.has_value()) {
+      TORCH_CHECK(pad >= -table.rows && pad < table.rows, "FusedEmbeddingBags: table ", t,
+                  ": padding_idx ", pad, " is out of range for ", table.rows, " rows");
+      if (pad < 0) pad += table.rows;
+    }
+    padding_idx_.push_back(pad);
+    // nn::EmbeddingBag's initialization: N(0, 1), the padding row zero.
+    torch::Tensor w = torch::randn({table.rows, table.dim}, opts);
+    if (pad >= 0) w[pad].zero_();
+    const std::string index = std::to_string(t);
+    weights.push_back(register_parameter("weight." + index, w));
+    const std::vector<int64_t> sum_shape =
+        o.rowwise() ? std::vector<int64_t>{table.rows} : std::vector<int64_t>{table.rows, table.dim};
+    sums.push_back(register_buffer(
+        "sum." + index, torch::full(sum_shape, o.initial_accumulator_value(), opts.dtype(sum_dtype))));
+    steps.push_back(register_buffer("step." + index, torch::zeros({}, torch::kFloat32)));
+  }
+}
+
+torch::Tensor FusedEmbeddingBagsImpl::forward(const torch::Tensor& indices,
+                                              const torch::Tensor& offsets,
+                                              const torch::Tensor& per_sample_weights) {
+  return BagsFunction::apply(this, indices, offsets, per_sample_weights, weights);
+}
+
+int64_t FusedEmbeddingBagsImpl::mode_code() const {
+  return std::holds_alternative<torch::enumtype::kMean>(options.mode()) ? 1 : 0;
+}
+
+std::vector<torch::Tensor> FusedEmbeddingBagsImpl::split(const torch::Tensor& output) const {
+  std::vector<int64_t> dims;
+  for (const EmbeddingTable& t : options.tables()) dims.push_back(t.dim);
+  return output.split_with_sizes(dims, 1);
+}
+
+void FusedEmbeddingBagsImpl::step_from_output_grad(const torch::Tensor& grad_output,
+                                                   const torch::Tensor& indices,
+                                                   const torch::Tensor& offsets,
+                                                   const torch::Tensor& per_sample_weights,
+                                                   int64_t updates_seen_by_forward) {
+  TORCH_CHECK(updates_seen_by_forward == updates_,
+              "FusedEmbeddingBags: the tables were updated by another backward after this "
+              "backward's forward ran; its grads belong to the old values, and accumulating "
+              "grads over several backwards cannot work when each backward is a step. Run "
+              "forward and backward in turn, one optimizer step per batch");
+  const FusedEmbeddingBagsOptions& o = options;
+  const std::optional<torch::Tensor> psw =
+      per_sample_weights.defined() ? std::optional<torch::Tensor>(per_sample_weights) : std::nullopt;
+  torch::NoGradGuard no_grad;
+  embedding_bags_adagrad_step_(weights, sums, steps, grad_output, indices, offsets, psw, mode_code(),
+                               padding_idx_, o.include_last_offset(), o.rowwise(), o.lr(),
+                               o.lr_decay(), o.weight_decay(), o.eps(), o.maximize(),
+                               o.eps_inside_sqrt());
+  ++updates_;
+}
+
+}  // namespace fused_adagrad
