@@ -38,13 +38,13 @@ at::Tensor bags_forward(at::TensorList weights, const at::Tensor& indices, const
   return at::cat(pooled, 1);
 }
 
+// Shapes only, in symbolic sizes (torch.compile with dynamic shapes): (batch, sum of the dims).
 at::Tensor bags_forward_meta(at::TensorList weights, const at::Tensor& indices,
                              const at::Tensor& offsets,
                              const std::optional<at::Tensor>& per_sample_weights, int64_t mode,
                              c10::IntArrayRef padding_idx, bool include_last_offset) {
-  const BagsPlan plan = plan_bags(
-      {weights, indices, offsets, per_sample_weights, mode, padding_idx, include_last_offset}, false);
-  return at::empty({plan.batch, plan.width}, weights[0].options());
+  return at::empty_symint(bags_output_shape(weights, offsets, include_last_offset),
+                          weights[0].options());
 }
 
 using ForwardFn = at::Tensor(at::TensorList, const at::Tensor&, const at::Tensor&,

@@ -148,19 +148,16 @@ void bags_step_meta(at::TensorList weights, at::TensorList sums, at::TensorList 
                     int64_t mode, c10::IntArrayRef padding_idx, bool include_last_offset,
                     bool rowwise, double lr, double lr_decay, double weight_decay, double eps,
                     bool maximize, bool eps_inside_sqrt, const std::optional<at::Tensor>& lr_tensor) {
-  const BagsArgs args{weights, indices, offsets, per_sample_weights, mode, padding_idx,
-                      include_last_offset};
-  const StepOptions o{lr, lr_decay, weight_decay, eps, maximize, eps_inside_sqrt, lr_tensor};
-  const Variant variant = rowwise ? Variant::RowWise : Variant::Elementwise;
-  TORCH_CHECK(variant == Variant::RowWise || weight_decay == 0,
+  TORCH_CHECK(rowwise || weight_decay == 0,
               "embedding bags: weight_decay is not supported by element-wise Adagrad");
-  check_metadata(variant, weights, std::vector<std::optional<at::Tensor>>(weights.size()), sums,
-                 steps, weight_decay, lr_tensor);
-  const BagsPlan plan = plan_bags(args, false);
-  TORCH_CHECK(grad_output.dim() == 2 && grad_output.size(0) == plan.batch &&
-                  grad_output.size(1) == plan.width,
-              "embedding bags: the output grad must have shape (", plan.batch, ", ", plan.width,
-              "), got ", grad_output.sizes());
+  TORCH_CHECK(weights.size() == sums.size() && weights.size() == steps.size(),
+              "embedding bags: ", weights.size(), " tables but ", sums.size(), " sums and ",
+              steps.size(), " steps");
+  const std::vector<c10::SymInt> shape = bags_output_shape(weights, offsets, include_last_offset);
+  TORCH_CHECK(grad_output.dim() == 2 && grad_output.sym_size(0) == shape[0] &&
+                  grad_output.sym_size(1) == shape[1],
+              "embedding bags: the output grad must have shape (", shape[0], ", ", shape[1],
+              "), got ", grad_output.sym_sizes());
 }
 
 void bags_step_autograd(c10::DispatchKeySet keys, at::TensorList weights, at::TensorList sums,
@@ -210,12 +207,12 @@ TORCH_LIBRARY(fused_adagrad, m) {
       "Tensor?[] lr_tensor, bool rowwise=False, Tensor? grad_scale=None, "
       "Tensor? found_inf=None) -> ()");
   // Embedding bags over several tables (plan.h, BagsArgs: indices and offsets of all tables in
-  // nn.EmbeddingBag's convention; mode 0 sum, 1 mean; padding_idx -1 for none): the pooled rows
+  // nn.EmbeddingBag's convention; pooling 0 sum, 1 mean; padding_idx -1 for none): the pooled rows
   // of every table, side by side, one output row per bag (batch, sum of the tables' dims). Checks
   // every id and offset first, naming the table, bag and position of a bad one.
   m.def(
       "embedding_bags_forward(Tensor[] weights, Tensor indices, Tensor offsets, "
-      "Tensor? per_sample_weights, *, int mode, int[] padding_idx, bool include_last_offset) "
+      "Tensor? per_sample_weights, *, int pooling, int[] padding_idx, bool include_last_offset) "
       "-> Tensor");
   // The Adagrad step (row-wise with rowwise=True) that nn.EmbeddingBag(sparse=True)'s sparse
   // grads would get from adagrad_step_ / rowwise_adagrad_step_, from the output grad of the same
@@ -224,7 +221,7 @@ TORCH_LIBRARY(fused_adagrad, m) {
   m.def(
       "embedding_bags_adagrad_step_(Tensor(a!)[] weights, Tensor(b!)[] sums, Tensor(c!)[] steps, "
       "Tensor grad_output, Tensor indices, Tensor offsets, Tensor? per_sample_weights, *, "
-      "int mode, int[] padding_idx, bool include_last_offset, bool rowwise, float lr, "
+      "int pooling, int[] padding_idx, bool include_last_offset, bool rowwise, float lr, "
       "float lr_decay, float weight_decay, float eps, bool maximize, bool eps_inside_sqrt, "
       "Tensor? lr_tensor=None) -> ()");
 }

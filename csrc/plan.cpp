@@ -551,12 +551,8 @@ BagsPlan plan_bags(const BagsArgs& a, bool check_values) {
                 "embedding bags: per_sample_weights are ", psw->scalar_type(), " on ", psw->device(),
                 " but the tables are ", w0.scalar_type(), " on ", w0.device());
   }
-  const int64_t ends = a.include_last_offset ? 1 : 0;
-  const int64_t starts = a.offsets.numel() - ends;
-  TORCH_CHECK(starts >= 0 && starts % tables == 0, "embedding bags: ", a.offsets.numel(),
-              " offsets for ", tables, " tables: expected tables * batch",
-              a.include_last_offset ? " + 1 (include_last_offset)" : "");
-  plan.batch = starts / tables;
+  plan.batch = bags_output_shape(a.weights, a.offsets, a.include_last_offset)[0].expect_int();
+  const int64_t starts = plan.batch * tables;
   if (!check_values) return plan;
 
   const at::Tensor offsets = a.offsets.to(at::kCPU, at::kLong).contiguous();
@@ -592,6 +588,22 @@ BagsPlan plan_bags(const BagsArgs& a, bool check_values) {
     if (psw != nullptr) table.per_sample_weights = psw->narrow(0, begin, end - begin).contiguous();
   }
   return plan;
+}
+
+std::vector<c10::SymInt> bags_output_shape(at::TensorList weights, const at::Tensor& offsets,
+                                           bool include_last_offset) {
+  TORCH_CHECK(!weights.empty(), "embedding bags: no tables");
+  const int64_t tables = static_cast<int64_t>(weights.size());
+  const c10::SymInt starts = offsets.sym_numel() - (include_last_offset ? 1 : 0);
+  TORCH_CHECK(starts >= 0 && starts % tables == 0, "embedding bags: ", offsets.sym_numel(),
+              " offsets for ", tables, " tables: expected tables * batch",
+              include_last_offset ? " + 1 (include_last_offset)" : "");
+  c10::SymInt width = 0;
+  for (const at::Tensor& w : weights) {
+    TORCH_CHECK(w.dim() == 2, "embedding bags: every weight must be 2-D (rows, dim)");
+    width = width + w.sym_size(1);
+  }
+  return {starts / tables, width};
 }
 
 void check_bags_step(Variant variant, const BagsArgs& a, const BagsPlan& plan,

@@ -139,7 +139,7 @@ StepPlan plan_step(Variant variant, at::TensorList params, GradList grads, at::T
 // embedding_bags_adagrad_step_), in nn.EmbeddingBag's convention for all tables at once, as
 // TorchRec and FBGEMM pass them: `indices` holds every table's ids, table after table; `offsets`
 // starts each bag, tables * batch of them, plus with include_last_offset the end of the last bag;
-// bags t * batch .. (t + 1) * batch - 1 are table t's. mode: 0 sum, 1 mean.
+// bags t * batch .. (t + 1) * batch - 1 are table t's. mode (the ops' `pooling`): 0 sum, 1 mean.
 struct BagsArgs {
   at::TensorList weights;
   const at::Tensor& indices;
@@ -167,6 +167,11 @@ struct BagsPlan {
 // and id (out of range or negative: an error naming the table, bag and position); a CUDA batch is
 // read on the host for that (a synchronization). Without, only metadata (meta and fake tensors).
 BagsPlan plan_bags(const BagsArgs& args, bool check_values);
+
+// The output's shape, (batch, sum of the dims), in symbolic sizes for the meta kernels; checks
+// that the offsets split evenly into tables.
+std::vector<c10::SymInt> bags_output_shape(at::TensorList weights, const at::Tensor& offsets,
+                                           bool include_last_offset);
 
 // Checks a step of the tables' Adagrad before anything changes: the weights, their state (as
 // plan_step checks a param's, errors naming "table i") and the output grad's shape.

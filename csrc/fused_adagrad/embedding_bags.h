@@ -86,7 +86,8 @@ class FUSED_ADAGRAD_API FusedEmbeddingBagsImpl : public torch::nn::Module {
 };
 TORCH_MODULE(FusedEmbeddingBags);
 
-// The ops (csrc/ops.cpp has the schemas), through the dispatcher. mode: 0 sum, 1 mean;
+// The ops (csrc/ops.cpp has the schemas), through the dispatcher. mode (the schemas' `pooling`):
+// 0 sum, 1 mean;
 // padding_idx: one per table, -1 for none.
 FUSED_ADAGRAD_API torch::Tensor embedding_bags_forward(
     at::TensorList weights, const torch::Tensor& indices, const torch::Tensor& offsets,

@@ -57,7 +57,7 @@ class _BagsFunction(torch.autograd.Function):
         ctx.updates = bags._updates
         ctx.stepped = False
         ctx.save_for_backward(indices, offsets, per_sample_weights)
-        return _forward(list(weights), indices, offsets, per_sample_weights, mode=bags._mode,
+        return _forward(list(weights), indices, offsets, per_sample_weights, pooling=bags._mode,
                         padding_idx=bags._padding_idx,
                         include_last_offset=bags.include_last_offset)
 
@@ -197,7 +197,7 @@ class FusedEmbeddingBags(nn.Module):
         states = [opt.state[w] for w in weights]
         with torch.no_grad():
             _step(weights, [s["sum"] for s in states], [s["step"] for s in states],
-                  grad_output, indices, offsets, per_sample_weights, mode=self._mode,
+                  grad_output, indices, offsets, per_sample_weights, pooling=self._mode,
                   padding_idx=self._padding_idx, include_last_offset=self.include_last_offset,
                   rowwise=self.optimizer_name == "rowwise",
                   lr=0.0 if isinstance(lr, Tensor) else lr, lr_decay=group["lr_decay"],
