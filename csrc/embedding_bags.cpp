@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
+#include <torch/custom_class.h>
 #include <torch/library.h>
 
 #include <string>
@@ -50,21 +51,27 @@ at::Tensor bags_forward_meta(at::TensorList weights, const at::Tensor& indices,
 using ForwardFn = at::Tensor(at::TensorList, const at::Tensor&, const at::Tensor&,
                              const std::optional<at::Tensor>&, int64_t, c10::IntArrayRef, bool);
 
+// Keeps the module alive while a graph through its forward exists (the graph may outlive the
+// last handle the program holds).
+struct ModuleRef : torch::CustomClassHolder {
+  explicit ModuleRef(std::shared_ptr<FusedEmbeddingBagsImpl> m) : module(std::move(m)) {}
+  std::shared_ptr<FusedEmbeddingBagsImpl> module;
+};
+
 // The module's autograd function: forward pools, backward steps the tables and gives no grads.
 struct BagsFunction : public torch::autograd::Function<BagsFunction> {
-  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, FusedEmbeddingBagsImpl* bags,
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx,
+                               std::shared_ptr<FusedEmbeddingBagsImpl> bags,
                                const torch::Tensor& indices, const torch::Tensor& offsets,
-                               const torch::Tensor& per_sample_weights, at::TensorList weights) {
-    ctx->saved_data["bags"] = reinterpret_cast<int64_t>(bags);
+                               const std::optional<torch::Tensor>& per_sample_weights,
+                               at::TensorList weights) {
+    ctx->saved_data["bags"] = c10::IValue::make_capsule(c10::make_intrusive<ModuleRef>(bags));
     ctx->saved_data["updates"] = bags->updates();
-    ctx->saved_data["indices"] = indices;
-    ctx->saved_data["offsets"] = offsets;
-    ctx->saved_data["per_sample_weights"] = per_sample_weights;
     ctx->saved_data["stepped"] = false;
     ctx->saved_data["inputs"] = static_cast<int64_t>(4 + weights.size());
-    const std::optional<torch::Tensor> psw =
-        per_sample_weights.defined() ? std::optional<torch::Tensor>(per_sample_weights) : std::nullopt;
-    return embedding_bags_forward(weights, indices, offsets, psw, bags->mode_code(),
+    // Saved as autograd saves inputs: ids changed in place before backward are refused.
+    ctx->save_for_backward({indices, offsets, per_sample_weights.value_or(torch::Tensor())});
+    return embedding_bags_forward(weights, indices, offsets, per_sample_weights, bags->mode_code(),
                                   bags->padding_idx(), bags->options.include_last_offset());
   }
 
@@ -73,12 +80,11 @@ struct BagsFunction : public torch::autograd::Function<BagsFunction> {
     TORCH_CHECK(!ctx->saved_data["stepped"].toBool(),
                 "FusedEmbeddingBags: a second backward through the same forward would update the "
                 "tables twice with one batch's grads; its Adagrad step already ran in the first");
+    const torch::autograd::variable_list saved = ctx->get_saved_variables();
+    auto ref = c10::static_intrusive_pointer_cast<ModuleRef>(ctx->saved_data["bags"].toCapsule());
+    ref->module->step_from_output_grad(grads[0], saved[0], saved[1], saved[2],
+                                       ctx->saved_data["updates"].toInt());
     ctx->saved_data["stepped"] = true;
-    auto* bags = reinterpret_cast<FusedEmbeddingBagsImpl*>(ctx->saved_data["bags"].toInt());
-    bags->step_from_output_grad(grads[0], ctx->saved_data["indices"].toTensor(),
-                                ctx->saved_data["offsets"].toTensor(),
-                                ctx->saved_data["per_sample_weights"].toTensor(),
-                                ctx->saved_data["updates"].toInt());
     return torch::autograd::variable_list(ctx->saved_data["inputs"].toInt());
   }
 };
@@ -139,19 +145,28 @@ FusedEmbeddingBagsImpl::FusedEmbeddingBagsImpl(FusedEmbeddingBagsOptions options
     torch::Tensor w = torch::randn({table.rows, table.dim}, opts);
     if (pad >= 0) w[pad].zero_();
     const std::string index = std::to_string(t);
-    weights.push_back(register_parameter("weight." + index, w));
+    weights.push_back(register_parameter("weight_" + index, w));
     const std::vector<int64_t> sum_shape =
         o.rowwise() ? std::vector<int64_t>{table.rows} : std::vector<int64_t>{table.rows, table.dim};
     sums.push_back(register_buffer(
-        "sum." + index, torch::full(sum_shape, o.initial_accumulator_value(), opts.dtype(sum_dtype))));
-    steps.push_back(register_buffer("step." + index, torch::zeros({}, torch::kFloat32)));
+        "sum_" + index, torch::full(sum_shape, o.initial_accumulator_value(), opts.dtype(sum_dtype))));
+    steps.push_back(register_buffer("step_" + index, torch::zeros({}, torch::kFloat32)));
   }
 }
 
 torch::Tensor FusedEmbeddingBagsImpl::forward(const torch::Tensor& indices,
                                               const torch::Tensor& offsets,
                                               const torch::Tensor& per_sample_weights) {
-  return BagsFunction::apply(this, indices, offsets, per_sample_weights, weights);
+  auto self = std::dynamic_pointer_cast<FusedEmbeddingBagsImpl>(weak_from_this().lock());
+  TORCH_CHECK(self != nullptr, "FusedEmbeddingBags: the module must be owned by a shared_ptr (make "
+              "it as fused_adagrad::FusedEmbeddingBags, the module holder), so that backward can "
+              "reach it");
+  TORCH_CHECK(!per_sample_weights.defined() || !per_sample_weights.requires_grad(),
+              "FusedEmbeddingBags: per_sample_weights that require grad are not supported (the "
+              "module makes no grads; its backward is the tables' step)");
+  std::optional<torch::Tensor> psw;
+  if (per_sample_weights.defined()) psw = per_sample_weights;
+  return BagsFunction::apply(self, indices, offsets, psw, at::TensorList(weights));
 }
 
 int64_t FusedEmbeddingBagsImpl::mode_code() const {

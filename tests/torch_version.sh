@@ -2,8 +2,8 @@
 # Usage: tests/torch_version.sh TORCH_VERSION [auto|1|0]
 # Builds fused-adagrad against another torch release, in a venv of its own (.venv-torch<VERSION>),
 # with FUSED_ADAGRAD_CUDA set to the second argument (default auto, what a user gets), then runs
-# the core of the suite against that install: the parity, optimizer, sparse, row-wise and op
-# tests, and the C++ programs built against the pip package (tests/pip_consumer.sh). CI runs it
+# the core of the suite against that install: the parity, optimizer, sparse, row-wise, op and
+# embedding-bag tests, and the C++ programs built against the pip package (tests/pip_consumer.sh). CI runs it
 # for the oldest and the newest torch we support; tests/run.sh covers the pinned one in full.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -19,7 +19,7 @@ print(f"fused-adagrad {f.__version__}: torch {torch.__version__}, CPU kernel", i
 
 echo "==> pytest (core subset) against torch $VERSION"
 (cd "$ROOT/tests/python" && python -m pytest -q -p no:cacheprovider -rs \
-  test_parity.py test_optimizer.py test_sparse.py test_rowwise.py test_op.py)
+  test_parity.py test_optimizer.py test_sparse.py test_rowwise.py test_op.py test_embedding_bags.py)
 # A CUDA torch's own CMake config wants a CUDA toolkit of its CUDA major (FindCUDA, nvToolsExt).
 # The C++ programs here use the CPU only, so where the machine has another major (torch 2.4.1 is
 # CUDA 12.1, this machine's nvcc 13.0), that toolkit stands in, with the nvToolsExt of torch's

@@ -51,8 +51,8 @@ struct FUSED_ADAGRAD_API FusedEmbeddingBagsOptions {
 //
 // indices hold every table's ids, table after table; offsets start each bag, batch per table
 // (nn::EmbeddingBag's convention, for all tables at once). forward checks every id and offset
-// first. Each weight is a parameter ("weight.<t>") that gets no grad; its Adagrad state is
-// buffers ("sum.<t>", "step.<t>"), so torch::save(bags) keeps it. A backward can update the
+// first. Each weight is a parameter ("weight_<t>") that gets no grad; its Adagrad state is
+// buffers ("sum_<t>", "step_<t>"), so torch::save(bags) keeps it. A backward can update the
 // tables only once, and only while they hold the values its forward saw: a second backward
 // through the same graph, or a backward after another one updated the tables since this
 // forward (grads accumulated over several forwards), throws instead. Change the learning rate

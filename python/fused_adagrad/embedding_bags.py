@@ -170,6 +170,10 @@ class FusedEmbeddingBags(nn.Module):
 
     def forward(self, indices: Tensor, offsets: Tensor,
                 per_sample_weights: Optional[Tensor] = None) -> Tensor:
+        if per_sample_weights is not None and per_sample_weights.requires_grad:
+            raise RuntimeError("FusedEmbeddingBags: per_sample_weights that require grad are not "
+                               "supported (the module makes no grads; its backward is the "
+                               "tables' step)")
         return _BagsFunction.apply(self, indices, offsets, per_sample_weights, *self.weights)
 
     def split(self, output: Tensor) -> List[Tensor]:

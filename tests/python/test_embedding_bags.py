@@ -271,6 +271,9 @@ def test_bad_arguments():
     module = FusedEmbeddingBags([(10, 4)], mode="mean")
     with pytest.raises(RuntimeError, match="per_sample_weights are only supported with mode sum"):
         module(torch.tensor([1]), torch.tensor([0]), torch.ones(1))
+    with pytest.raises(RuntimeError, match="per_sample_weights that require grad"):
+        FusedEmbeddingBags([(10, 4)])(torch.tensor([1]), torch.tensor([0]),
+                                       torch.ones(1, requires_grad=True))
 
 
 def test_second_backward_through_one_forward_is_refused():
