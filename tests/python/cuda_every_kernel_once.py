@@ -20,6 +20,9 @@ What runs (cuda/*.cu):
 * sparse_adagrad_kernel for each dtype: nn.Embedding(sparse=True) grads with repeated indices,
   rows shorter and longer than a warp.
 * rowwise_dense_kernel and rowwise_sparse_kernel for each dtype (RowWiseAdagrad).
+* bags_step_kernel for each dtype, element-wise and row-wise (FusedEmbeddingBags' backward):
+  repeated ids, a padding id, an empty bag and a table no id touches; mean, then sum with
+  per_sample_weights.
 * torch.amp.GradScaler's protocol in both optimizers, sparse grads included: a step that unscales
   the grads (grad_scale), then one the scaler found an inf for (found_inf: nothing changes).
 * a FusedAdagrad step captured in a torch.cuda.CUDAGraph and replayed.
@@ -33,7 +36,7 @@ import sys
 import torch
 
 import fused_adagrad
-from fused_adagrad import FusedAdagrad, RowWiseAdagrad
+from fused_adagrad import FusedAdagrad, FusedEmbeddingBags, RowWiseAdagrad
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 HALF_AND_FLOAT = [torch.float32, torch.bfloat16, torch.float16]
@@ -126,6 +129,24 @@ def rowwise_steps(device):
     assert_steps(opt, dense + sparse + lr_tensor, 1)
 
 
+def embedding_bag_steps(device):
+    """Three tables (rows of 13, 40 and 1 elements) in two bags: table 0 gets [3, 7, 3] and
+    [0 (its padding_idx), 7, 7], table 1 [12] and an empty bag, table 2 nothing."""
+    tables = [(50, 13), (30, 40), (5, 1)]
+    ids = torch.tensor([3, 7, 3, 0, 7, 7, 12], device=device)
+    offsets = torch.tensor([0, 3, 6, 7, 7, 7], device=device)
+    for dtype in DTYPES:
+        for optimizer in ("adagrad", "rowwise"):
+            for mode in ("mean", "sum"):
+                psw = randn((len(ids),), dtype, device) if mode == "sum" else None
+                bags = FusedEmbeddingBags(tables, mode=mode, optimizer=optimizer, dtype=dtype,
+                                          device=device, padding_idx=[0, None, None],
+                                          weight_decay=0.01 if optimizer == "rowwise" else 0.0)
+                bags(ids, offsets, psw).float().square().sum().backward()
+                bags.optimizer.step()
+                assert_steps(bags.optimizer, list(bags.weights), 1)
+
+
 def scaled_steps(device):
     """Two scaler steps of each optimizer: one it unscales, then one with an inf in a grad, which
     the scaler reports as found_inf and which must change nothing (the step counts stay at 1)."""
@@ -205,6 +226,7 @@ def main():
     for name, run in [("dense", lambda: dense_steps(device, launch)),
                       ("sparse", lambda: sparse_steps(device)),
                       ("row-wise", lambda: rowwise_steps(device)),
+                      ("embedding bag", lambda: embedding_bag_steps(device)),
                       ("GradScaler", lambda: scaled_steps(device)),
                       ("CUDA graph", lambda: captured_steps(device, launch))]:
         run()
