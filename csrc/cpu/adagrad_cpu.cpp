@@ -20,6 +20,9 @@ namespace fused_adagrad::cpu {
 
 namespace {
 
+// Below this many elements in total a step runs on the calling thread.
+constexpr int64_t kGrainSize = 32768;
+
 struct KernelChoice {
   UpdateRangeFn fn;
   SparseRangeFn sparse_fn;
@@ -174,6 +177,29 @@ SparseUpdate sparse_update(const RowSegments& s, const at::Tensor& param, const 
                       kernel_dtype(param.scalar_type()), 0.0, 0.0, 0.0, false, false};
 }
 
+void run_sparse_update(SparseRangeFn fn, const SparseUpdate& u, int64_t rows) {
+  if (rows == 0) return;
+  // Row k's work starts at unit segments[k] + k; a part runs the rows that start in it.
+  const auto first_row_at = [&](int64_t unit) {
+    int64_t lo = 0, hi = rows;
+    while (lo < hi) {
+      const int64_t mid = lo + (hi - lo) / 2;
+      if (u.segments[mid] + mid < unit) lo = mid + 1; else hi = mid;
+    }
+    return lo;
+  };
+  const int64_t units = u.segments[rows] + rows;
+  const int64_t grain = std::max<int64_t>(1, kGrainSize / std::max<int64_t>(1, u.row_len));
+  at::parallel_for(0, units, grain, [&](int64_t begin, int64_t end) {
+    const int64_t first = first_row_at(begin), last = first_row_at(end);
+    if (first == last) return;
+    std::vector<double> scratch(u.row_len);  // room for a row of either summing type
+    SparseUpdate part = u;
+    part.scratch = scratch.data();
+    fn(part, first, last);
+  });
+}
+
 SparseRangeFn sparse_kernel(Variant variant) {
   return variant == Variant::Elementwise ? kernel().sparse_fn : kernel().rowwise_sparse_fn;
 }
@@ -315,23 +341,22 @@ void run_plan(Variant variant, const StepPlan& plan, at::TensorList all_params,
     }
   }
 
-  // Distinct rows over the threads, at least kGrainSize elements of work per chunk.
+  // Distinct rows over the threads (run_sparse_update).
   size_t next = 0;
   for (const SparseParam& sp : plan.sparse) {
     if (!sp.param.is_cpu()) continue;
     SparseWork& w = sparse[next++];
     set_sparse_options(w.update, variant, o, neg_clrs[sp.index]);
     const SparseRangeFn fn = variant == Variant::Elementwise ? chosen.sparse_fn : chosen.rowwise_sparse_fn;
-    const int64_t grain = sparse_row_grain(sp.row_len);
     if (unscaling) {  // the value rows, before any row sums them (they are few: nnz rows)
       const Dtype dtype = kernel_dtype(sp.values.scalar_type());
+      const int64_t grain = std::max<int64_t>(1, kGrainSize / std::max<int64_t>(1, sp.row_len));
       at::parallel_for(0, sp.values.size(0), grain, [&](int64_t begin, int64_t end) {
         chosen.unscale_fn(dtype, element(sp.values.const_data_ptr(), begin * sp.row_len, sp.values.scalar_type()),
                           (end - begin) * sp.row_len, grad_scale);
       });
     }
-    at::parallel_for(0, static_cast<int64_t>(w.segments.rows.size()), grain,
-                     [&](int64_t begin, int64_t end) { sparse_update_rows(fn, w.update, begin, end); });
+    run_sparse_update(fn, w.update, static_cast<int64_t>(w.segments.rows.size()));
   }
 }
 

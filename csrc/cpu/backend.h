@@ -15,14 +15,6 @@ namespace fused_adagrad::cpu {
 // them). Does not write staged copies back: the caller calls plan.write_back().
 void run_plan(Variant variant, const StepPlan& plan, at::TensorList params, at::TensorList steps);
 
-// Below this many elements in total a step runs on the calling thread.
-constexpr int64_t kGrainSize = 32768;
-
-// Distinct rows per chunk of a sparse update: at least kGrainSize elements of work.
-inline int64_t sparse_row_grain(int64_t row_len) {
-  return row_len > 0 && row_len < kGrainSize ? kGrainSize / row_len : 1;
-}
-
 // A sparse update's entries sorted by the table row they add to (SparseUpdate's order,
 // segments and rows).
 struct RowSegments {
@@ -47,12 +39,10 @@ inline void set_sparse_options(SparseUpdate& u, Variant variant, const StepOptio
 
 Dtype kernel_dtype(at::ScalarType t);
 
-// Runs a sparse update over distinct rows [begin, end) with a scratch row of its own.
-inline void sparse_update_rows(SparseRangeFn fn, SparseUpdate u, int64_t begin, int64_t end) {
-  std::vector<double> scratch(u.row_len);  // room for a row of either summing type
-  u.scratch = scratch.data();
-  fn(u, begin, end);
-}
+// Runs a sparse update over all its distinct rows, over the threads. They are split by work, a
+// row counting its entries plus one, so that a hot row (Zipf ids) does not leave most of the
+// step to one thread; each part gets a scratch row of its own.
+void run_sparse_update(SparseRangeFn fn, const SparseUpdate& u, int64_t rows);
 
 // The selected kernel's sparse update (element-wise or row-wise); throws for a bad
 // FUSED_ADAGRAD_CPU_KERNEL request.

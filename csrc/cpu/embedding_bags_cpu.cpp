@@ -94,11 +94,8 @@ void embedding_bags_step_cpu(at::TensorList weights, at::TensorList sums, at::Te
     set_sparse_options(work[t].update, variant, o,
                        neg_clr(host_lr, increment_host_step(steps[t]), o.lr_decay));
   }
-  for (int64_t t = 0; t < tables; ++t) {
-    const SparseUpdate& u = work[t].update;
-    at::parallel_for(0, static_cast<int64_t>(work[t].segments.rows.size()),
-                     sparse_row_grain(u.row_len),
-                     [&](int64_t begin, int64_t end) { sparse_update_rows(fn, u, begin, end); });
+  for (const TableWork& w : work) {
+    run_sparse_update(fn, w.update, static_cast<int64_t>(w.segments.rows.size()));
   }
 }
 

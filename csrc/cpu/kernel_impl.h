@@ -663,6 +663,19 @@ inline const S* entry_row(const SparseUpdate& u, int64_t e) {
   return static_cast<const S*>(u.values) + row * u.value_stride;
 }
 
+// A compile-time bool for generic lambdas (no std:: templates here, see the top).
+template <bool kValue>
+struct Flag {
+  static constexpr bool value = kValue;
+};
+
+template <typename S>
+inline void prefetch_entry(const SparseUpdate& u, int64_t e) {
+  const char* g = reinterpret_cast<const char*>(entry_row<S>(u, e));
+  const int64_t bytes = u.row_len * static_cast<int64_t>(sizeof(S));
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(g + b, 0);
+}
+
 template <typename S>
 inline void prefetch_rows(const SparseUpdate& u, int64_t k, int64_t sum_row_bytes) {
   const int64_t bytes = u.row_len * static_cast<int64_t>(sizeof(S));
@@ -687,28 +700,39 @@ inline void for_each_distinct_row(const SparseUpdate& u, int64_t begin, int64_t 
                                   int64_t sum_row_bytes, LoadAcc load_acc, StoreAcc store_acc,
                                   RowFn update_row) {
   using S = typename T::S;
-  using M = typename T::M;
   const int64_t n = u.row_len;
   const auto* scale = static_cast<const S*>(u.entry_scale);
-  // Entry e's element i as torch materializes it: scaled grads are rounded to the dtype.
-  const auto value = [&](const S* g, int64_t e, int64_t i) -> M {
-    return scale ? T::round(T::load(g[i]) * T::load(scale[e])) : T::load(g[i]);
-  };
   Acc* acc = static_cast<Acc*>(u.scratch);
-  for (int64_t k = begin; k < end; ++k) {
-    if (k + kPrefetchRows < end) prefetch_rows<S>(u, k + kPrefetchRows, sum_row_bytes);
-    const int64_t first = u.segments[k], last = u.segments[k + 1];
+  // Entry e's elements as torch materializes them (scaled grads rounded to the dtype), summed into
+  // acc; kScaled is a template argument so that the unscaled loop vectorizes as before.
+  const auto sum_entries = [&](auto scaled, int64_t first, int64_t last) {
+    constexpr bool kScaled = decltype(scaled)::value;
+    const auto value = [&](const S* g, int64_t e, int64_t i) {
+      if constexpr (kScaled) return T::round(T::load(g[i]) * T::load(scale[e]));
+      else return T::load(g[i]);
+    };
     const int64_t e0 = u.order[first];
-    if (last - first == 1 && !scale) {
-      update_row(k, static_cast<const void*>(entry_row<S>(u, e0)), false);
-      continue;
-    }
     const S* g = entry_row<S>(u, e0);
     for (int64_t i = 0; i < n; ++i) acc[i] = store_acc(value(g, e0, i));
     for (int64_t j = first + 1; j < last; ++j) {
+      // A hot row's entries lie anywhere in the grad: fetch a few ahead, as rows are.
+      if (j + kPrefetchRows < last) prefetch_entry<S>(u, u.order[j + kPrefetchRows]);
       const int64_t e = u.order[j];
       const S* v = entry_row<S>(u, e);
       for (int64_t i = 0; i < n; ++i) acc[i] = store_acc(load_acc(acc[i]) + value(v, e, i));
+    }
+  };
+  for (int64_t k = begin; k < end; ++k) {
+    if (k + kPrefetchRows < end) prefetch_rows<S>(u, k + kPrefetchRows, sum_row_bytes);
+    const int64_t first = u.segments[k], last = u.segments[k + 1];
+    if (last - first == 1 && !scale) {
+      update_row(k, static_cast<const void*>(entry_row<S>(u, u.order[first])), false);
+      continue;
+    }
+    if (scale) {
+      sum_entries(Flag<true>{}, first, last);
+    } else {
+      sum_entries(Flag<false>{}, first, last);
     }
     update_row(k, static_cast<const void*>(acc), true);
   }
