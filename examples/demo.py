@@ -1,7 +1,8 @@
-"""Trains one recommender-style model three times, side by side: with torch.optim.Adagrad (its
-default for-loop), with torch.optim.Adagrad fused=True where torch allows it, and with FusedAdagrad.
-Its embeddings use sparse=True, as recommender models do, so each step's embedding grads hold only
-the rows the batch looked up. The targets come from a planted model (hidden embeddings and an MLP)
+"""Trains one recommender-style model four times, side by side: with torch.optim.Adagrad (its
+default for-loop), with torch.optim.Adagrad fused=True where torch allows it, with FusedAdagrad, and
+with its embedding tables in a FusedEmbeddingBags (stepped inside backward; FusedAdagrad for the
+MLP). Its embeddings use sparse=True, as recommender models do, so each step's embedding grads hold
+only the rows the batch looked up (the fourth run makes no embedding grads at all). The targets come from a planted model (hidden embeddings and an MLP)
 plus noise, so the loss falls toward the noise's variance, the loss of a perfect model. Prints the
 loss, whether FusedAdagrad agrees with torch, how much faster its optimizer step is, and writes a
 PNG of the losses and step times (--out; needs matplotlib)."""
@@ -16,7 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 import fused_adagrad
-from fused_adagrad import FusedAdagrad
+from fused_adagrad import FusedAdagrad, FusedEmbeddingBags
 
 import plotting
 
@@ -53,14 +54,51 @@ class Recommender(nn.Module):
         return self.mlp(torch.cat([self.users(users), self.items(items)], dim=1))
 
 
+class FusedTablesRecommender(nn.Module):
+    """The same model with both tables in one FusedEmbeddingBags: a user is a bag of one id."""
+
+    def __init__(self, model, **options):
+        super().__init__()
+        self.tables = FusedEmbeddingBags([(N_USERS, 32), (N_ITEMS, 64)], mode="sum", **options)
+        with torch.no_grad():
+            for fused, table in zip(self.tables.weights, (model.users, model.items)):
+                fused.copy_(table.weight)
+        self.mlp = copy.deepcopy(model.mlp)
+
+    def forward(self, users, items):
+        # Table 0's bags (one user each), then table 1's (HISTORY items each).
+        ids = torch.cat([users, items.flatten()])
+        offsets = torch.cat([torch.arange(len(users)), len(users) + torch.arange(0, items.numel(), HISTORY)])
+        return self.mlp(self.tables(ids, offsets))
+
+
+class FusedTablesOptimizer:
+    """FusedAdagrad for the MLP; the tables' step already ran in backward (their optimizer.step()
+    only marks it as taken)."""
+
+    def __init__(self, model, **options):
+        self.tables = model.tables.optimizer
+        self.mlp = FusedAdagrad([mlp_group(model.mlp)], **options)
+
+    def zero_grad(self):
+        self.mlp.zero_grad()
+
+    def step(self):
+        self.tables.step()
+        self.mlp.step()
+
+
 def param_groups(model, **mlp_options):
     # Weight decay would make a sparse grad dense, so torch (and FusedAdagrad) refuse it there.
     # The MLP's lr is a tenth of the embeddings': it steps on every batch, a row only when its id
     # is looked up, and at the embeddings' lr the MLP lifts the loss at step 1 and blows it up
     # later.
     return [{"params": [model.users.weight, model.items.weight], "weight_decay": 0.0},
-            {"params": list(model.mlp.parameters()), "weight_decay": 1e-4, "lr": 0.01,
-             **mlp_options}]
+            mlp_group(model.mlp, **mlp_options)]
+
+
+def mlp_group(mlp, **options):
+    return {"params": list(mlp.parameters()), "weight_decay": 1e-4, "lr": 0.01, **options}
 
 
 def make_batches(gen, steps):
@@ -87,8 +125,10 @@ def make_batches(gen, steps):
             for (users, items), signal in zip(lookups, signals)]
 
 
-def timed_step(opt):
+def timed_backward_and_step(loss, opt):
+    """Backward and the optimizer step, timed together: FusedEmbeddingBags steps in backward."""
     start = time.perf_counter()
+    loss.backward()
     opt.step()
     return time.perf_counter() - start
 
@@ -105,9 +145,9 @@ def plot(path, losses, step_ms, steps):
              ylabel="MSE loss")
     left.set_ylim(bottom=0)
     left.legend()
-    bars = right.bar(list(step_ms), list(step_ms.values()), color=["C0", "C1", "C2"])
+    bars = right.bar(list(step_ms), list(step_ms.values()), color=["C0", "C1", "C2", "C3"])
     right.bar_label(bars, fmt="%.2f ms")
-    right.set(title=f"optimizer step, median of {steps} ({torch.get_num_threads()} threads)",
+    right.set(title=f"backward + optimizer step, median of {steps} ({torch.get_num_threads()} threads)",
               ylabel="ms")
     plotting.save(fig, path)
 
@@ -135,6 +175,8 @@ def main():
             # torch reads "fused" per param group, so one optimizer can mix the two paths.
             "torch fused": torch.optim.Adagrad(param_groups(models["torch fused"], fused=True), **kw),
             "FusedAdagrad": FusedAdagrad(param_groups(models["FusedAdagrad"]), **kw)}
+    models["FusedEmbeddingBags"] = FusedTablesRecommender(ref_model, **kw)
+    opts["FusedEmbeddingBags"] = FusedTablesOptimizer(models["FusedEmbeddingBags"], **kw)
 
     batches = make_batches(torch.Generator().manual_seed(1), args.steps)
     rows = statistics.mean(u.unique().numel() + i.unique().numel() for u, i, _ in batches)
@@ -146,13 +188,12 @@ def main():
 
     losses = {name: [] for name in opts}
     times = {name: [] for name in opts}
-    bar = tqdm(batches, desc=f"training {n_params / 1e6:.1f} M params x3", unit="step")
+    bar = tqdm(batches, desc=f"training {n_params / 1e6:.1f} M params x{len(opts)}", unit="step")
     for users, items, target in bar:
         for name, opt in opts.items():
             opt.zero_grad()
             loss = nn.functional.mse_loss(models[name](users, items), target)
-            loss.backward()
-            times[name].append(timed_step(opt))
+            times[name].append(timed_backward_and_step(loss, opt))
             losses[name].append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.4f}")
 
@@ -166,6 +207,14 @@ def main():
                    "coalesce, and torch's MKL sqrt is not correctly rounded on every CPU, ours is)")
     else:
         verdict = f"FAIL: parameters differ from torch.optim.Adagrad by up to {worst:.3e}"
+    tables = models["FusedEmbeddingBags"]
+    fused_pairs = list(zip([*tables.tables.weights, *tables.mlp.parameters()],
+                           models["FusedAdagrad"].parameters()))
+    if all(torch.equal(a, b) for a, b in fused_pairs):
+        tables_verdict = "PASS: FusedEmbeddingBags' run bitwise identical to FusedAdagrad's"
+    else:
+        worst_tables = max((a - b).abs().max().item() for a, b in fused_pairs)
+        tables_verdict = f"FAIL: FusedEmbeddingBags' run differs from FusedAdagrad's by up to {worst_tables:.3e}"
     ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
     ours_loss = losses["FusedAdagrad"]
     window = min(10, len(ours_loss))  # one batch's loss is noisy: mean over 10 steps
@@ -173,15 +222,17 @@ def main():
     print(f"loss (FusedAdagrad, mean of {window} steps): first {first:.3f}, last {last:.3f}; "
           f"noise floor {NOISE_STD ** 2:.3f}")
     print(verdict)
-    ours = ms["FusedAdagrad"]
-    print(f"optimizer step (median of {args.steps}): torch default (for-loop) "
+    print(tables_verdict)
+    ours, bags = ms["FusedAdagrad"], ms["FusedEmbeddingBags"]
+    print(f"backward + optimizer step (median of {args.steps}): torch default (for-loop) "
           f"{ms['torch default']:.2f} ms, torch fused=True on the MLP {ms['torch fused']:.2f} ms, "
-          f"FusedAdagrad {ours:.2f} ms "
-          f"-> {ms['torch default'] / ours:.2f}x / {ms['torch fused'] / ours:.2f}x faster")
+          f"FusedAdagrad {ours:.2f} ms, FusedEmbeddingBags + FusedAdagrad {bags:.2f} ms "
+          f"-> FusedAdagrad {ms['torch default'] / ours:.2f}x, FusedEmbeddingBags "
+          f"{ms['torch default'] / bags:.2f}x torch's default")
     plot(args.out, losses, {"torch default\n(for-loop)": ms["torch default"],
                             "torch fused=True\n(MLP only)": ms["torch fused"],
-                            "FusedAdagrad": ours}, args.steps)
-    return 0 if verdict.startswith("PASS") else 1
+                            "FusedAdagrad": ours, "FusedEmbedding-\nBags": bags}, args.steps)
+    return 0 if verdict.startswith("PASS") and tables_verdict.startswith("PASS") else 1
 
 
 if __name__ == "__main__":

@@ -104,10 +104,12 @@ def test_adagrad_vs_rmsprop_shows_the_difference(tmp_path):
 
 
 def test_demo_learns_and_matches_torch(tmp_path):
-    """30 of the demo's 100 steps (each runs three optimizers on a 14.5 M-param model)."""
+    """30 of the demo's 100 steps (each trains a 14.5 M-param model four ways)."""
     png = tmp_path / "demo.png"
     stdout = run_example("demo.py", "--steps", "30", "--out", str(png))
     assert re.search(r"^PASS: parameters ", stdout, re.M), stdout
+    assert re.search(r"^PASS: FusedEmbeddingBags' run bitwise identical to FusedAdagrad's$",
+                     stdout, re.M), stdout
     loss = re.search(r"^loss \(FusedAdagrad, mean of 10 steps\): first (\S+), last (\S+); "
                      r"noise floor (\S+)$", stdout, re.M)
     assert loss, stdout
@@ -115,6 +117,6 @@ def test_demo_learns_and_matches_torch(tmp_path):
     # Learning: the loss falls well below where it started, and stays above the noise floor
     # (fresh batches every step: no model can beat the noise).
     assert floor < last < 0.8 * first, stdout
-    assert re.search(r"^optimizer step \(median of 30\): .* FusedAdagrad \d+\.\d+ ms", stdout,
-                     re.M), stdout
+    assert re.search(r"^backward \+ optimizer step \(median of 30\): .* FusedAdagrad \d+\.\d+ ms, "
+                     r"FusedEmbeddingBags \+ FusedAdagrad \d+\.\d+ ms", stdout, re.M), stdout
     check_plot(stdout, png)
