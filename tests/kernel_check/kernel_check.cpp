@@ -15,7 +15,8 @@
 //       every option combination, slices of odd sizes and ranges that split them, three steps,
 //       against a scalar reference of the arithmetic documented above update_element in
 //       kernel_impl.h, bitwise;
-//   (d) sparse_update_range and rowwise_update_range on small cases against plain scalar loops;
+//   (d) sparse_update_range (COO value rows, and embedding-bag entries: scaled rows read through
+//       value_row) and rowwise_update_range on small cases against plain scalar loops;
 //   (e) unscale (GradScaler's grad / scale) for every dtype, power-of-two scales and others,
 //       against the division rounded to the dtype, bitwise.
 // (c) to (e) run on every kernel this binary has and this CPU runs: base (kernel_base.cpp, as
@@ -568,6 +569,9 @@ void check_dense(const Kernel& kernel, int* cases) {
 // s = round(s + round(g * g)); std as dense; q = round(g / std); p = fma(neg_clr, q, p) for
 // float/double (BLAS axpy), p + round(neg_clr * q) for half/bfloat16. neg_clr and eps are
 // rounded to the param's dtype (they are scalars of the sparse add / the dense add).
+// Twice: entries that are the grad's value rows (a COO grad), and entries that read rows of a
+// wider buffer through value_row, each scaled and rounded to the dtype (an embedding bag's
+// output grad times its per_sample_weight).
 template <typename R>
 void check_sparse(const Kernel& kernel, int* cases) {
   using S = typename R::S;
@@ -577,20 +581,27 @@ void check_sparse(const Kernel& kernel, int* cases) {
   const std::vector<int64_t> grad_rows = {3, 1, 3, 0, 3};  // row 3 three times
   // Value rows sorted by table row, ties in grad order; distinct rows 0, 1, 3.
   const std::vector<int64_t> order = {3, 1, 0, 2, 4}, segments = {0, 1, 2, 5}, rows = {0, 1, 3};
-  const std::vector<int64_t> scratch_row = {0, 0, 0};  // only row 3 (k = 2) repeats
+  const std::vector<int64_t> bag_of = {2, 0, 1, 0, 2};  // the bags' entry rows, stride n + 3
   const double neg_clr_d = -0.0173, eps_d = R::kDtype == Dtype::Half ? 1e-4 : 1e-10;
-  for (int variant = 0; variant < 4; ++variant) {
-    const bool maximize = variant & 2, inside = variant & 1;
+  for (int variant = 0; variant < 8; ++variant) {
+    const bool maximize = variant & 2, inside = variant & 1, bags = variant & 4;
+    const int64_t stride = bags ? n + 3 : n;
     Random rng{0xabcdu + static_cast<uint64_t>(variant)};
-    std::vector<S> p(table_rows * n), s(table_rows * n), values(grad_rows.size() * n);
-    std::vector<S> scratch(n);
+    std::vector<S> p(table_rows * n), s(table_rows * n), values(grad_rows.size() * stride);
+    std::vector<S> scale(grad_rows.size()), scratch(n);
     for (auto& x : p) x = R::store(static_cast<M>(rng.spread(-6, 1)));
     for (auto& x : s) x = R::store(static_cast<M>(rng.spread(-10, 1, true)));
     for (auto& x : values) x = R::store(static_cast<M>(rng.spread(-10, 1)));
+    for (auto& x : scale) x = R::store(static_cast<M>(rng.spread(-2, 1)));
     std::vector<S> rp = p, rs = s;
-    const SparseUpdate u{p.data(), s.data(), values.data(), scratch.data(), scratch_row.data(),
-                         order.data(), segments.data(), rows.data(), n, R::kDtype, neg_clr_d,
-                         0.0, eps_d, maximize, inside};
+    SparseUpdate u{p.data(), s.data(), values.data(), nullptr, n, nullptr, scratch.data(),
+                   order.data(), segments.data(), rows.data(), n, R::kDtype, neg_clr_d,
+                   0.0, eps_d, maximize, inside};
+    if (bags) {
+      u.value_row = bag_of.data();
+      u.value_stride = stride;
+      u.entry_scale = scale.data();
+    }
     kernel.sparse(u, 0, 2);  // two "threads"
     kernel.sparse(u, 2, 3);
     const M neg_clr = R::hyper(neg_clr_d), eps = R::hyper(eps_d);
@@ -600,7 +611,9 @@ void check_sparse(const Kernel& kernel, int* cases) {
         S acc{};
         for (size_t j = 0; j < grad_rows.size(); ++j) {  // grad order
           if (grad_rows[j] != row) continue;
-          acc = seen ? R::store(R::load(acc) + R::load(values[j * n + i])) : values[j * n + i];
+          const S v = bags ? R::store(R::round(R::load(values[bag_of[j] * stride + i]) * R::load(scale[j])))
+                           : values[j * n + i];
+          acc = seen ? R::store(R::load(acc) + R::load(v)) : v;
           seen = true;
         }
         M g = R::load(acc), pm = R::load(rp[row * n + i]), sm = R::load(rs[row * n + i]);
@@ -615,8 +628,9 @@ void check_sparse(const Kernel& kernel, int* cases) {
       }
     }
     char context[160];
-    std::snprintf(context, sizeof context, "%s kernel, sparse, %s, maximize=%d eps_inside_sqrt=%d",
-                  kernel.name, R::kName, maximize, inside);
+    std::snprintf(context, sizeof context,
+                  "%s kernel, sparse, %s, maximize=%d eps_inside_sqrt=%d bag entries=%d",
+                  kernel.name, R::kName, maximize, inside, bags);
     same("sum", s, rs, context) && same("param", p, rp, context);
     ++*cases;
   }
@@ -807,7 +821,7 @@ int main(int argc, char** argv) {
     std::snprintf(name, sizeof name, "(c) update_range, %s kernel (fma %s), 4 dtypes x 8 option sets",
                   kernel.name, kernel.fma ? "on" : "off");
     section(name, [&] { for_each_dtype([&](auto r) { check_dense<decltype(r)>(kernel, &cases); }); });
-    std::snprintf(name, sizeof name, "(d) sparse_update_range, %s kernel, 4 dtypes x 4 option sets",
+    std::snprintf(name, sizeof name, "(d) sparse_update_range, %s kernel, 4 dtypes x 4 option sets x 2 entry kinds",
                   kernel.name);
     section(name, [&] { for_each_dtype([&](auto r) { check_sparse<decltype(r)>(kernel, &cases); }); });
     std::snprintf(name, sizeof name, "(d) rowwise_update_range, %s kernel, 4 dtypes x 8 option sets",
