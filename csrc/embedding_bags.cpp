@@ -2,6 +2,7 @@
 // pooled values are nn.EmbeddingBag's to the bit) and the LibTorch module FusedEmbeddingBags,
 // whose backward runs embedding_bags_adagrad_step_.
 #include "fused_adagrad/fused_adagrad.h"
+#include "optimizer_common.h"
 #include "plan.h"
 
 #include <ATen/ATen.h>
@@ -117,12 +118,7 @@ FusedEmbeddingBagsImpl::FusedEmbeddingBagsImpl(FusedEmbeddingBagsOptions options
     : options(std::move(options_)) {
   const FusedEmbeddingBagsOptions& o = options;
   TORCH_CHECK(!o.tables().empty(), "FusedEmbeddingBags: no tables");
-  TORCH_CHECK(o.lr() >= 0, "Invalid learning rate: ", o.lr());
-  TORCH_CHECK(o.lr_decay() >= 0, "Invalid lr_decay value: ", o.lr_decay());
-  TORCH_CHECK(o.weight_decay() >= 0, "Invalid weight_decay value: ", o.weight_decay());
-  TORCH_CHECK(o.initial_accumulator_value() >= 0, "Invalid initial_accumulator_value value: ",
-              o.initial_accumulator_value());
-  TORCH_CHECK(o.eps() >= 0, "Invalid epsilon value: ", o.eps());
+  optimizer_common::check_options(o);  // the optimizers' range checks and messages
   TORCH_CHECK(o.rowwise() || o.weight_decay() == 0,
               "FusedEmbeddingBags: weight_decay needs rowwise(true) (element-wise Adagrad refuses "
               "it for sparse grads, as torch::optim::Adagrad does)");
