@@ -74,6 +74,10 @@ PYBIND11_MODULE(_C, m) {
     return d;
   });
 
+  m.def("advise_huge_pages", &fused_adagrad::advise_huge_pages, py::arg("tensor"),
+        "Asks Linux for transparent huge pages for the whole 2 MiB pages of a CPU tensor not yet "
+        "written; True if the advice was taken (fused_adagrad.h).");
+
   bind_optimizer<fused_adagrad::FusedAdagrad, fused_adagrad::FusedAdagradOptions,
                  fused_adagrad::FusedAdagradParamState>(
       m, "CppFusedAdagrad",

@@ -137,15 +137,19 @@ FusedEmbeddingBagsImpl::FusedEmbeddingBagsImpl(FusedEmbeddingBagsOptions options
       if (pad < 0) pad += table.rows;
     }
     padding_idx_.push_back(pad);
-    // nn::EmbeddingBag's initialization: N(0, 1), the padding row zero.
-    torch::Tensor w = torch::randn({table.rows, table.dim}, opts);
+    // nn::EmbeddingBag's initialization: N(0, 1) (randn's own draws), the padding row zero;
+    // on huge pages, as the state (advise_huge_pages).
+    torch::Tensor w = torch::empty({table.rows, table.dim}, opts);
+    advise_huge_pages(w);
+    w.normal_();
     if (pad >= 0) w[pad].zero_();
     const std::string index = std::to_string(t);
     weights.push_back(register_parameter("weight_" + index, w));
     const std::vector<int64_t> sum_shape =
         o.rowwise() ? std::vector<int64_t>{table.rows} : std::vector<int64_t>{table.rows, table.dim};
     sums.push_back(register_buffer(
-        "sum_" + index, torch::full(sum_shape, o.initial_accumulator_value(), opts.dtype(sum_dtype))));
+        "sum_" + index, optimizer_common::filled_state(torch::empty(sum_shape, opts.dtype(sum_dtype)),
+                                                       o.initial_accumulator_value())));
     steps.push_back(register_buffer("step_" + index, torch::zeros({}, torch::kFloat32)));
   }
 }

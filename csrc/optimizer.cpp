@@ -57,10 +57,7 @@ FusedAdagradParamState& FusedAdagrad::state_for(const torch::Tensor& p,
   const double initial = options.initial_accumulator_value();
   return common::find_or_create_state<FusedAdagradParamState>(
       *this, p, [initial](const torch::Tensor& param) {
-        torch::Tensor sum = torch::full_like(param, initial, at::MemoryFormat::Preserve);
-        // complex(v, v), as torch.optim.Adagrad initializes complex params.
-        if (param.is_complex()) torch::view_as_real(sum).fill_(initial);
-        return sum;
+        return common::filled_state(torch::empty_like(param, at::MemoryFormat::Preserve), initial);
       });
 }
 

@@ -176,6 +176,15 @@ inline torch::Device step_device(const torch::Tensor& p) {
   return p.device().is_cpu() ? torch::Device(torch::kCPU) : p.device();
 }
 
+// `empty` (fresh from at::empty, not yet written) filled with `value`, on huge pages where it
+// holds whole ones (advise_huge_pages); complex(value, value) for complex tensors, as
+// torch.optim.Adagrad initializes them.
+inline torch::Tensor filled_state(torch::Tensor empty, double value) {
+  advise_huge_pages(empty);
+  (empty.is_complex() ? torch::view_as_real(empty) : empty).fill_(value);
+  return empty;
+}
+
 // The state of `p`, created when it has none: `step` a 0-d float32 tensor, on the param's
 // device for accelerators (so a CUDA step needs no host synchronization), and the sum that
 // make_sum(p) returns.

@@ -60,10 +60,11 @@ RowWiseAdagradParamState& RowWiseAdagrad::state_for(const torch::Tensor& p,
       *this, p, [initial](const torch::Tensor& param) {
         TORCH_CHECK(!param.is_complex(), "RowWiseAdagrad does not support complex parameters");
         // The shape and dtype the op checks for.
-        return torch::full(rowwise_sum_shape(param), initial,
-                           torch::TensorOptions()
-                               .dtype(rowwise_sum_dtype(param.scalar_type()))
-                               .device(param.device()));
+        return common::filled_state(
+            torch::empty(rowwise_sum_shape(param), torch::TensorOptions()
+                                                       .dtype(rowwise_sum_dtype(param.scalar_type()))
+                                                       .device(param.device())),
+            initial);
       });
 }
 

@@ -262,6 +262,15 @@ struct BuildInfo {
 };
 FUSED_ADAGRAD_API BuildInfo build_info();
 
+// Asks Linux for transparent huge pages (madvise MADV_HUGEPAGE) for the whole 2 MiB pages of a
+// CPU tensor's memory; true if the advice was taken. Call it on a tensor not yet written (fresh
+// from at::empty): the pages are then huge from their first write. The optimizers do it for the
+// state they create, FusedEmbeddingBags for its tables: a sparse step touches rows scattered
+// over the whole table, and on 4 KiB pages each touched row costs a TLB miss. For params you
+// allocate yourself, PyTorch's THP_MEM_ALLOC_ENABLE=1 does the same for every large tensor.
+// FUSED_ADAGRAD_HUGE_PAGES=0 turns it off.
+FUSED_ADAGRAD_API bool advise_huge_pages(const at::Tensor& t);
+
 namespace detail {
 // Referencing a symbol of the library from every including translation unit keeps linkers that
 // drop unused shared libraries (--as-needed) from dropping ours, and with it the op registrations.

@@ -11,7 +11,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from .optimizer import FusedAdagrad
+from .optimizer import FusedAdagrad, _on_huge_pages
 from .rowwise import RowWiseAdagrad
 
 _forward = torch.ops.fused_adagrad.embedding_bags_forward
@@ -157,7 +157,8 @@ class FusedEmbeddingBags(nn.Module):
         if _weights is None:
             _weights = []
             for (rows, dim), pad in zip(tables, self._padding_idx):
-                w = torch.randn(rows, dim, dtype=dtype, device=device)  # nn.EmbeddingBag's init
+                # nn.EmbeddingBag's init, N(0, 1) (randn's own draws), on huge pages as the state.
+                w = _on_huge_pages(torch.empty(rows, dim, dtype=dtype, device=device)).normal_()
                 if pad >= 0:
                     w[pad] = 0
                 _weights.append(w)

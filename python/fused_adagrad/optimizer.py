@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from . import _C
 from ._compat import eager_under_compile
 
 _step_groups = eager_under_compile(torch.ops.fused_adagrad.adagrad_step_groups_)
@@ -24,6 +25,15 @@ def _with_user_indices(message: str, kept) -> str:
         index = kept[g][i] if g < len(kept) and kept[g] is not None and i < len(kept[g]) else i
         return f"param group {g}, param {index}"
     return re.sub(r"param group (\d+), param (\d+)", rename, message)
+
+
+def _on_huge_pages(empty: Tensor) -> Tensor:
+    """`empty` (just allocated, not yet written), its memory asked onto transparent huge pages
+    where it holds whole 2 MiB ones (CPU, Linux; see advise_huge_pages in the C++ header): a
+    sparse step touches rows all over a table, and on 4 KiB pages each one is a TLB miss."""
+    if type(empty) is Tensor and empty.device.type == "cpu":
+        _C.advise_huge_pages(empty)
+    return empty
 
 
 def _dtensor_type():
@@ -307,4 +317,4 @@ class FusedAdagrad(_FusedAdagradBase):
 
     def _new_sum(self, p: Tensor, init: float) -> Tensor:
         init = complex(init, init) if torch.is_complex(p) else init
-        return torch.full_like(p, init, memory_format=torch.preserve_format)
+        return _on_huge_pages(torch.empty_like(p, memory_format=torch.preserve_format)).fill_(init)

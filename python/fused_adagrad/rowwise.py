@@ -3,7 +3,7 @@ their embedding tables (FBGEMM's EXACT_ROWWISE_ADAGRAD)."""
 import torch
 from torch import Tensor
 
-from .optimizer import _FusedAdagradBase, _dtensor_type
+from .optimizer import _FusedAdagradBase, _dtensor_type, _on_huge_pages
 
 
 class RowWiseAdagrad(_FusedAdagradBase):
@@ -39,7 +39,8 @@ class RowWiseAdagrad(_FusedAdagradBase):
         dtensor = _dtensor_type()
         if dtensor is not None and isinstance(p, dtensor):
             return self._new_sharded_sum(p, init)
-        return torch.full(p.shape[:1], init, dtype=self._sum_dtype(p), device=p.device)
+        sum_ = torch.empty(p.shape[:1], dtype=self._sum_dtype(p), device=p.device)
+        return _on_huge_pages(sum_).fill_(init)
 
     def _new_sharded_sum(self, p: Tensor, init: float) -> Tensor:
         """A DTensor param's row sums: a DTensor on the param's mesh holding, on each rank, the

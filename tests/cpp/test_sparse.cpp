@@ -2,8 +2,68 @@
 // torch::optim::Adagrad, and a bad index refused before anything changes.
 #include "test_util.h"
 
+#include <cstdint>
+#include <fstream>
+#include <sstream>
+#include <string>
+
 namespace fused_adagrad::testing {
 namespace {
+
+// The system's transparent huge page mode ("always", "madvise", "never"); empty where none.
+std::string huge_page_mode() {
+  std::ifstream f("/sys/kernel/mm/transparent_hugepage/enabled");
+  std::string text((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  const size_t open = text.find('['), close = text.find(']');
+  return open == std::string::npos || close == std::string::npos ? ""
+                                                                   : text.substr(open + 1, close - open - 1);
+}
+
+// AnonHugePages (bytes) of the mapping holding the first whole 2 MiB page of t (/proc/self/smaps).
+int64_t huge_page_bytes(const torch::Tensor& t) {
+  constexpr uintptr_t kPage = uintptr_t{2} << 20;
+  const uintptr_t addr = (reinterpret_cast<uintptr_t>(t.data_ptr()) + kPage - 1) & ~(kPage - 1);
+  std::ifstream smaps("/proc/self/smaps");
+  bool inside = false;
+  for (std::string line; std::getline(smaps, line);) {
+    std::istringstream fields(line);
+    std::string first;
+    fields >> first;
+    const size_t dash = first.find('-');
+    if (dash != std::string::npos && first.back() != ':') {
+      const uintptr_t low = std::stoull(first.substr(0, dash), nullptr, 16);
+      const uintptr_t high = std::stoull(first.substr(dash + 1), nullptr, 16);
+      inside = low <= addr && addr < high;
+    } else if (inside && first == "AnonHugePages:") {
+      int64_t kib = 0;
+      fields >> kib;
+      return kib * 1024;
+    }
+  }
+  return 0;
+}
+
+// The state the optimizers create (and FusedEmbeddingBags' tables) is asked onto 2 MiB pages
+// before its first write: a sparse step touches rows all over a table. 64 MiB and more, as
+// smaller blocks may come from memory malloc has handed out (and written) before.
+TEST(HugePages, LargeStateAndTablesLieOnHugePages) {
+  const std::string mode = huge_page_mode();
+  if (mode.empty() || mode == "never") GTEST_SKIP() << "no transparent huge pages here";
+  torch::Tensor p = torch::zeros({1 << 24, 2});
+  FusedAdagrad opt({p}, FusedAdagradOptions(0.1).initial_accumulator_value(0.25));
+  RowWiseAdagrad row_opt({p}, RowWiseAdagradOptions(0.1).initial_accumulator_value(0.5));
+  const torch::Tensor sum = fused_state(opt, p).sum();
+  const torch::Tensor row_sum =
+      static_cast<RowWiseAdagradParamState&>(*row_opt.state().at(p.unsafeGetTensorImpl())).sum();
+  EXPECT_GT(huge_page_bytes(sum), 0);
+  EXPECT_GT(huge_page_bytes(row_sum), 0);
+  EXPECT_TRUE(torch::equal(sum, torch::full_like(sum, 0.25)));
+  EXPECT_TRUE(torch::equal(row_sum, torch::full_like(row_sum, 0.5)));
+  FusedEmbeddingBags bags(FusedEmbeddingBagsOptions({{1 << 20, 16}}));
+  EXPECT_GT(huge_page_bytes(bags->weights[0]), 0);
+  EXPECT_TRUE(advise_huge_pages(torch::empty({8 << 20}, torch::kUInt8)));
+  EXPECT_FALSE(advise_huge_pages(torch::empty({1 << 20}, torch::kUInt8)));  // no whole page
+}
 
 TEST(SparseGrad, EmbeddingTrainingMatchesTorch) {
   torch::manual_seed(0);

@@ -1,6 +1,7 @@
 """The fused sparse step (COO grads as nn.Embedding/EmbeddingBag(sparse=True) make them) against
 torch.optim.Adagrad's sparse path: no coalesce, indices checked before anything changes, and the
 same numbers independent of the thread count."""
+import os
 import subprocess
 import sys
 import textwrap
@@ -123,6 +124,63 @@ def test_duplicates_seen_once_twice_many_times():
     torch.testing.assert_close(ours, ref, rtol=1e-15, atol=1e-15)
     untouched = [r for r in range(rows) if r not in ids]
     assert torch.equal(ours.detach()[untouched], w[untouched])
+
+
+def _transparent_huge_pages():
+    """The system's THP mode ("always", "madvise", "never"), None where there is none."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            text = f.read()
+    except OSError:
+        return None
+    return text[text.index("[") + 1:text.index("]")]
+
+
+def _huge_page_bytes(t):
+    """AnonHugePages of the mapping that holds t's first whole 2 MiB page (/proc/self/smaps)."""
+    page = 2 << 20
+    addr = (t.data_ptr() + page - 1) // page * page
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            field = line.split()[0]
+            if "-" in field and not field.endswith(":"):
+                low, high = (int(x, 16) for x in field.split("-"))
+                inside = low <= addr < high
+            elif inside and field == "AnonHugePages:":
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+needs_thp = pytest.mark.skipif(_transparent_huge_pages() in (None, "never"),
+                               reason="this system has no transparent huge pages")
+
+
+@needs_thp
+@pytest.mark.parametrize("opt_cls", [FusedAdagrad, RowWiseAdagrad])
+def test_state_of_a_large_table_lies_on_huge_pages(opt_cls):
+    """A sparse step touches rows all over the table: its state is asked onto 2 MiB pages
+    (madvise before the first write), and holds the same values as ever. Sums of 64 MiB and
+    more: glibc serves smaller blocks (up to 32 MiB) from memory it may have written before,
+    whose pages stay small until khugepaged collapses them."""
+    p = torch.zeros(1 << 24, 2)
+    opt = opt_cls([p], initial_accumulator_value=0.25)
+    s = opt.state[p]["sum"]
+    assert _huge_page_bytes(s) > 0
+    assert torch.equal(s, torch.full_like(s, 0.25))
+
+
+@needs_thp
+def test_huge_page_advice_only_for_whole_pages_of_fresh_cpu_tensors():
+    from fused_adagrad import _C
+    assert _C.advise_huge_pages(torch.empty(8 << 20, dtype=torch.uint8))
+    assert not _C.advise_huge_pages(torch.empty(1 << 20, dtype=torch.uint8))  # no whole 2 MiB page
+    assert not _C.advise_huge_pages(torch.empty(8 << 20, dtype=torch.uint8, device="meta"))
+    code = ("import torch, fused_adagrad\n"
+            "print(fused_adagrad._C.advise_huge_pages(torch.empty(8 << 20, dtype=torch.uint8)))")
+    off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "FUSED_ADAGRAD_HUGE_PAGES": "0"}, check=True)
+    assert off.stdout.strip() == "False"
 
 
 def test_tensor_lr_and_lr_decay_match_torch():
