@@ -126,6 +126,33 @@ def test_duplicates_seen_once_twice_many_times():
     assert torch.equal(ours.detach()[untouched], w[untouched])
 
 
+@pytest.mark.parametrize("rows", [3, 2048, 4 << 20, (4 << 20) + 1])
+def test_duplicates_grouped_whatever_the_number_of_sort_digits(rows):
+    """A row's duplicates are found by a radix sort on digits of up to 11 bits: a table of 2 048
+    rows takes one pass, 4M rows two, one row more three. Ids that tie in their low digits and
+    differ in the high ones, each repeated far apart: the step equals the step on a grad with the
+    duplicates summed first, in entry order (the order torch's coalesce sums them)."""
+    gen = torch.Generator().manual_seed(rows % 1000)
+    pool = sorted({(k << 11 | 5) % rows for k in range(8)} | {(k << 22 | 7) % rows for k in range(3)}
+                  | {0, rows - 1})
+    ids = torch.tensor(pool)[torch.randint(len(pool), (96,), generator=gen)]
+    values = torch.randn(len(ids), 3, generator=gen)
+    summed = {}
+    for r, v in zip(ids.tolist(), values):
+        summed[r] = summed[r] + v if r in summed else v.clone()  # float32 adds, in entry order
+    once = torch.sparse_coo_tensor(torch.tensor(list(summed))[None], torch.stack(list(summed.values())),
+                                   (rows, 3))
+    ours, ref = torch.zeros(rows, 3, requires_grad=True), torch.zeros(rows, 3, requires_grad=True)
+    opt, ref_opt = FusedAdagrad([ours], lr=0.1), FusedAdagrad([ref], lr=0.1)
+    ours.grad = torch.sparse_coo_tensor(ids[None], values, (rows, 3))
+    ref.grad = once
+    opt.step()
+    ref_opt.step()
+    assert torch.equal(opt.state[ours]["sum"], ref_opt.state[ref]["sum"])
+    assert torch.equal(ours.detach(), ref.detach())
+    assert int((opt.state[ours]["sum"].sum(1) > 0).sum()) == len(summed)
+
+
 def _transparent_huge_pages():
     """The system's THP mode ("always", "madvise", "never"), None where there is none."""
     try:
