@@ -129,13 +129,15 @@ def test_duplicates_seen_once_twice_many_times():
 @pytest.mark.parametrize("rows", [3, 2048, 4 << 20, (4 << 20) + 1])
 def test_duplicates_grouped_whatever_the_number_of_sort_digits(rows):
     """A row's duplicates are found by a radix sort on digits of up to 11 bits: a table of 2 048
-    rows takes one pass, 4M rows two, one row more three. Ids that tie in their low digits and
-    differ in the high ones, each repeated far apart: the step equals the step on a grad with the
-    duplicates summed first, in entry order (the order torch's coalesce sums them)."""
+    rows takes one pass, 4M rows two, one row more three. Ids that differ from one another in a
+    single bit, for every bit of a row id, and ids that tie in their low digits, each repeated far
+    apart: the step equals the step on a grad with the duplicates summed first, in entry order
+    (the order torch's coalesce sums them)."""
     gen = torch.Generator().manual_seed(rows % 1000)
-    pool = sorted({(k << 11 | 5) % rows for k in range(8)} | {(k << 22 | 7) % rows for k in range(3)}
-                  | {0, rows - 1})
-    ids = torch.tensor(pool)[torch.randint(len(pool), (96,), generator=gen)]
+    base = rows // 3
+    pool = sorted({base ^ (1 << b) for b in range(rows.bit_length()) if base ^ (1 << b) < rows}
+                  | {(k << 11 | 5) % rows for k in range(8)} | {base, 0, rows - 1})
+    ids = torch.tensor(pool)[torch.randint(len(pool), (160,), generator=gen)]
     values = torch.randn(len(ids), 3, generator=gen)
     summed = {}
     for r, v in zip(ids.tolist(), values):
