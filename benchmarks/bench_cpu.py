@@ -17,6 +17,7 @@ this CPU cannot run is reported as skipped. Each table row says which kernel and
 capability ran.
 """
 import argparse
+import ctypes
 import datetime
 import gc
 import json
@@ -70,6 +71,23 @@ class StreamingProbe:
 
     def time_once(self):
         return seconds(lambda: self.a.add_(self.b))
+
+
+def _status_kib(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def peak_extra_bytes(fn):
+    """The resident set's peak during fn() above its size before, in bytes (Linux: VmHWM, reset
+    through /proc/self/clear_refs after malloc_trim, so that freed memory is not reused unseen).
+    Counts every allocation: torch's, the library's own buffers, anything malloc hands out."""
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current resident set
+    before = _status_kib("VmRSS")
+    fn()
+    return (_status_kib("VmHWM") - before) * 1024
 
 
 def allocated_bytes(opt):

@@ -17,7 +17,6 @@ unseen), for one step and for its backward alone. It counts every allocation (to
 library's own buffers, the sparse grads), not only torch's allocator.
 """
 import argparse
-import ctypes
 import datetime
 import os
 import platform
@@ -28,30 +27,12 @@ import torch
 from torch import nn
 
 import fused_adagrad
-from bench_cpu import seconds
+from bench_cpu import peak_extra_bytes, seconds
 from fused_adagrad import FusedAdagrad, FusedEmbeddingBags, RowWiseAdagrad
 from results_io import cpu_model, write_results
 
 TABLES, ROWS, DIM = 8, 1_000_000, 64
 BATCH, POOLING = 2048, 20
-
-_libc = ctypes.CDLL("libc.so.6")
-
-
-def _status_kib(field):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
-def peak_extra_bytes(fn):
-    """The resident set's peak during fn() above its size before, in bytes."""
-    _libc.malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current resident set
-    before = _status_kib("VmRSS")
-    fn()
-    return (_status_kib("VmHWM") - before) * 1024
-
 
 def make_ids(distribution, rng):
     n = TABLES * BATCH * POOLING
