@@ -185,6 +185,15 @@ inline torch::Tensor filled_state(torch::Tensor empty, double value) {
   return empty;
 }
 
+// `t` copied onto huge pages, for a state loaded from a checkpoint (torch allocated it, without
+// the advice); t itself where the advice cannot be taken (not on the CPU, no whole 2 MiB page,
+// THP off).
+inline torch::Tensor on_huge_pages(const torch::Tensor& t) {
+  if (!t.is_cpu() || t.nbytes() < (size_t{2} << 20)) return t;
+  torch::Tensor copy = torch::empty_like(t, at::MemoryFormat::Preserve);
+  return advise_huge_pages(copy) ? copy.copy_(t) : t;
+}
+
 // The state of `p`, created when it has none: `step` a 0-d float32 tensor, on the param's
 // device for accelerators (so a CUDA step needs no host synchronization), and the sum that
 // make_sum(p) returns.
@@ -412,11 +421,13 @@ void load_optimizer(const char* name, torch::optim::Optimizer& opt,
   }
 
   // Commit. A param the archive has no state for (one its optimizer never stepped) loses its
-  // own: it gets fresh state at the next step, as it would have in the saving optimizer.
+  // own: it gets fresh state at the next step, as it would have in the saving optimizer. Sums
+  // move onto huge pages as created ones are, one at a time (the archive's copies are gone).
   auto& states = opt.state();
   states.reserve(states.size() + loaded.size());
   for (auto& entry : loaded) {
     if (entry.state) {
+      entry.state->sum(on_huge_pages(entry.state->sum()));
       states[entry.impl] = std::move(entry.state);
     } else {
       states.erase(entry.impl);

@@ -238,10 +238,13 @@ class FusedEmbeddingBags(nn.Module):
             if (bag.mode, bag.include_last_offset) != (first.mode, first.include_last_offset):
                 raise ValueError(f"table {t}: mode and include_last_offset must be the same for "
                                  "all tables")
+        def own_copy(w):  # on 2 MiB pages, as the tables the module creates
+            return _on_huge_pages(torch.empty(w.shape, dtype=w.dtype, device=w.device)).copy_(w)
+
         module = cls([tuple(b.weight.shape) for b in bags], mode=first.mode, optimizer=optimizer,
                      padding_idx=[b.padding_idx for b in bags],
                      include_last_offset=first.include_last_offset,
-                     _weights=[b.weight.detach().clone() for b in bags], **options)
+                     _weights=[own_copy(b.weight.detach()) for b in bags], **options)
         if optimizer_state_dict is not None:
             # A copy: torch's load_state_dict keeps the given tensors, which the caller still has.
             module.optimizer.load_state_dict(copy.deepcopy(optimizer_state_dict))

@@ -36,6 +36,16 @@ def _on_huge_pages(empty: Tensor) -> Tensor:
     return empty
 
 
+def _huge_page_copy(t: Tensor) -> Tensor:
+    """t copied onto 2 MiB pages, for a state loaded from a checkpoint (torch allocated it,
+    without the advice); t itself where the advice cannot be taken (not a plain CPU tensor, no
+    whole 2 MiB page, THP off)."""
+    if type(t) is not Tensor or t.device.type != "cpu" or t.nbytes < (2 << 20):
+        return t
+    copy = torch.empty_like(t, memory_format=torch.preserve_format)
+    return copy.copy_(t) if _C.advise_huge_pages(copy) else t
+
+
 def _dtensor_type():
     """torch.distributed.tensor.DTensor once something has imported it (FSDP2, DTensor users),
     else None: a process that never did pays nothing for the check."""
@@ -183,6 +193,13 @@ class _FusedAdagradBase(Optimizer):
                 state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
             state["sum"] = self._new_sum(p, group["initial_accumulator_value"])
         return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        # Loaded sums are torch's allocations: onto 2 MiB pages, as the ones we create.
+        for state in self.state.values():
+            if torch.is_tensor(state.get("sum")):
+                state["sum"] = _huge_page_copy(state["sum"])
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)

@@ -3,7 +3,7 @@ their embedding tables (FBGEMM's EXACT_ROWWISE_ADAGRAD)."""
 import torch
 from torch import Tensor
 
-from .optimizer import _FusedAdagradBase, _dtensor_type, _on_huge_pages
+from .optimizer import _FusedAdagradBase, _dtensor_type, _huge_page_copy, _on_huge_pages
 
 
 class RowWiseAdagrad(_FusedAdagradBase):
@@ -76,4 +76,5 @@ class RowWiseAdagrad(_FusedAdagradBase):
         params = [p for g in self.param_groups for p in g["params"]]
         for i, p in zip(saved_ids, params):
             if i in saved:
-                self.state[p]["sum"] = saved[i].to(device=p.device, dtype=self._sum_dtype(p))
+                sum_ = saved[i].to(device=p.device, dtype=self._sum_dtype(p))
+                self.state[p]["sum"] = _huge_page_copy(sum_)

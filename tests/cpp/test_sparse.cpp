@@ -61,6 +61,13 @@ TEST(HugePages, LargeStateAndTablesLieOnHugePages) {
   EXPECT_TRUE(torch::equal(row_sum, torch::full_like(row_sum, 0.5)));
   FusedEmbeddingBags bags(FusedEmbeddingBagsOptions({{1 << 20, 16}}));
   EXPECT_GT(huge_page_bytes(bags->weights[0]), 0);
+  // A checkpoint's sums (torch allocated them) are copied onto huge pages as they load.
+  std::stringstream saved;
+  torch::save(opt, saved);
+  FusedAdagrad resumed({p}, FusedAdagradOptions(0.1));
+  torch::load(resumed, saved);
+  EXPECT_GT(huge_page_bytes(fused_state(resumed, p).sum()), 0);
+  EXPECT_TRUE(torch::equal(fused_state(resumed, p).sum(), sum));
   EXPECT_TRUE(advise_huge_pages(torch::empty({8 << 20}, torch::kUInt8)));
   EXPECT_FALSE(advise_huge_pages(torch::empty({1 << 20}, torch::kUInt8)));  // no whole page
 }

@@ -200,6 +200,22 @@ def test_state_of_a_large_table_lies_on_huge_pages(opt_cls):
 
 
 @needs_thp
+@pytest.mark.parametrize("opt_cls", [FusedAdagrad, RowWiseAdagrad])
+def test_state_loaded_from_a_checkpoint_moves_onto_huge_pages(opt_cls, tmp_path):
+    """torch.load allocates the sums without the advice; load_state_dict copies them over."""
+    p = torch.zeros(1 << 24, 2)
+    opt = opt_cls([p], initial_accumulator_value=0.25)
+    p.grad = torch.sparse_coo_tensor(torch.tensor([[3, 7, 3]]), torch.ones(3, 2), p.shape)
+    opt.step()
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    resumed = opt_cls([p])
+    resumed.load_state_dict(torch.load(tmp_path / "opt.pt"))
+    s = resumed.state[p]["sum"]
+    assert _huge_page_bytes(s) > 0
+    assert torch.equal(s, opt.state[p]["sum"])
+
+
+@needs_thp
 def test_huge_page_advice_only_for_whole_pages_of_fresh_cpu_tensors():
     from fused_adagrad import _C
     assert _C.advise_huge_pages(torch.empty(8 << 20, dtype=torch.uint8))
