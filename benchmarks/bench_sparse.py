@@ -42,8 +42,8 @@ def uniform_ids(rng):
     return np.concatenate([ids, rng.choice(ids, 512)])
 
 
-def zipf_ids(rng):
-    ranks = (rng.zipf(1.2, 16384) - 1) % ROWS
+def zipf_ids(rng, count=16384):
+    ranks = (rng.zipf(1.2, count) - 1) % ROWS
     return rng.permutation(ROWS)[ranks]  # hot rows scattered over the table
 
 

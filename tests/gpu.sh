@@ -12,12 +12,14 @@
 #                                                                        10-30 s    2 m
 #   bench      benchmarks/bench_cuda.py, full run: writes                0.5-1.5 m  2.5 m
 #              benchmarks/results/cuda-<gpu>-<date>.md and .json
+#   bench-sparse  benchmarks/bench_cuda_sparse.py (sparse step, embedding  0.5-1 m    2 m
+#              bags): benchmarks/results/cuda-sparse-<gpu>-<date>.md and .json
 #   racecheck  compute-sanitizer racecheck over the same script          0.5-1 m    2.5 m
 #
 # all with FUSED_ADAGRAD_REQUIRE_CUDA=1, so that a CUDA test fails instead of skipping. The C++
 # library and tests build in the background from the start, at low priority, beside the Python
 # build and the GPU stages (about 1.5-3 min, limit 6 min); cpp waits for that build. bench runs
-# alone, after both builds, so no compiler takes its CPU time. Altogether about 6 minutes on an
+# alone, after both builds, so no compiler takes its CPU time. Altogether about 7 minutes on an
 # H100 or H200 with 16 cores; GPU_CHECK_DEADLINE_S (default 480) caps the whole run, a stage
 # getting at most what is left of it, so the summary is always written. racecheck runs last, as
 # the stage least likely to find anything here: our kernels use no shared memory.
@@ -34,7 +36,8 @@
 #
 # Logs: one folder and 8 files at most, so that a runner that returns one folder's files alone
 # gets all of it: summary.txt, build.log, pytest.log, sanitizer.log (memcheck and racecheck),
-# cpp.log, bench.log, and copies of the benchmark's .md and .json.
+# cpp.log, bench.log (both benchmarks), and copies of the two benchmarks' .md tables (their .json
+# stay in benchmarks/results).
 #
 # Needs: an NVIDIA GPU; python3 (or GPU_CHECK_PYTHON) with a CUDA torch and pip, setuptools,
 # wheel, pybind11, packaging, numpy, pytest and ninja; nvcc of torch's CUDA major version (on
@@ -118,7 +121,7 @@ export PATH
 summary_lines=() failed=()
 declare -A log_of log_lines_of  # per stage: its log, and the first and last line it wrote there
 record() {  # NAME STATUS SECONDS [NOTE]
-  summary_lines+=("$(printf '%-10s %-4s %4d s  %s' "$1" "$2" "$3" "${4:-}")")
+  summary_lines+=("$(printf '%-12s %-4s %4d s  %s' "$1" "$2" "$3" "${4:-}")")
   if [[ "$2" == FAIL ]]; then failed+=("$1"); fi
 }
 
@@ -239,18 +242,21 @@ stage_cpp() {
     --output-on-failure --timeout 120
 }
 
-stage_bench() {
-  timeout --kill-after=15 "$limit" "$PY" benchmarks/bench_cuda.py \
+bench() {  # SCRIPT: runs benchmarks/SCRIPT, copies the table it wrote to the logs
+  local script=$1 results
+  echo "==== $script"
+  timeout --kill-after=15 "$limit" "$PY" "benchmarks/$script" \
     --out "$ROOT/benchmarks/results" || return
-  # Copies of the two files it wrote (its last line names them), to travel with the logs.
-  local results
+  # Its last line names the two files it wrote.
   results="$(sed -n 's/^wrote \(.*\)\.md and .*\.json$/\1/p' "$LOGS/bench.log" | tail -n 1)"
   if [[ -z "$results" ]]; then
-    stage_note="(bench_cuda.py named no results file)"
+    stage_note="($script named no results file)"
     return 1
   fi
-  cp "$results.md" "$results.json" "$LOGS/" && stage_note="${results#"$ROOT"/}.md"
+  cp "$results.md" "$LOGS/" && stage_note="${results#"$ROOT"/}.md"
 }
+stage_bench() { bench bench_cuda.py; }
+stage_bench_sparse() { bench bench_cuda_sparse.py; }
 
 # ---- run -----------------------------------------------------------------------------------------
 if [[ "$PRETEND" != 1 ]]; then
@@ -300,5 +306,6 @@ else
   run_stage cpp cpp.log 120 stage_cpp || true
 fi
 run_stage bench bench.log 150 stage_bench || true
+run_stage bench-sparse bench.log 120 stage_bench_sparse || true
 run_stage racecheck sanitizer.log 150 stage_racecheck || true
 finish
