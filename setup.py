@@ -216,6 +216,31 @@ native = CppExtension(
 )
 
 
+def shared_cxx_runtime(linker: str):
+    """The path of the process's shared libstdc++ when `linker` would link the static one (a
+    toolchain built without the shared library, as one GPU machine's /opt/gcc was): a second
+    C++ runtime inside our library, beside the shared one torch uses, crashed the process at the
+    first error message it formatted. Linked by path, the library records libstdc++.so.6 as a
+    dependency like torch's own. None where the linker finds the shared one itself."""
+    if not os.path.exists("/proc/self/maps"):
+        return None  # not Linux
+    try:
+        found = subprocess.run([linker, "-print-file-name=libstdc++.so"], capture_output=True,
+                               text=True, timeout=60).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if os.path.isabs(found) and os.path.exists(found):
+        return None
+    with open("/proc/self/maps") as maps:  # torch, imported above, has loaded it
+        for line in maps:
+            path = line.split()[-1]
+            if os.path.basename(path).startswith("libstdc++.so"):
+                return path
+    raise SystemExit(f"{linker} links only a static libstdc++, and this process (with torch "
+                     "loaded) has no shared one to link instead; build with a compiler that has "
+                     "the shared library (CXX=...)")
+
+
 def configure(template: str, out: str, values: dict) -> None:
     """Writes cmake/<template> with each @NAME@ replaced, as CMake's configure_file(@ONLY) does."""
     with open(os.path.join("cmake", template)) as f:
@@ -235,6 +260,15 @@ class BuildExtension(TorchBuildExtension):
         if fullname.split(".")[-1] == "libfused_adagrad":
             name = os.path.join(os.path.dirname(name), "libfused_adagrad.so")
         return name
+
+    def build_extensions(self):
+        runtime = shared_cxx_runtime(self.compiler.linker_so[0])
+        if runtime:
+            print(f"fused-adagrad: {self.compiler.linker_so[0]} has no shared libstdc++; "
+                  f"linking {runtime}, torch's")
+            for ext in self.extensions:
+                ext.extra_link_args.append(runtime)
+        super().build_extensions()
 
     def build_extension(self, ext):
         if ext is native:

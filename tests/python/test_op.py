@@ -149,6 +149,30 @@ def test_build_info():
         assert info["cuda_archs"] == [] and info["cuda_devices"] == 0
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="libstdc++ and dlsym: Linux")
+def test_native_code_shares_the_process_cpp_runtime():
+    """No second copy of libstdc++ inside our libraries: with a static copy beside torch's shared
+    one (a compiler without the shared library links it so), the first error message our code
+    formatted crashed the process. A symbol our code uses must resolve to libstdc++'s own."""
+    import ctypes
+    package = os.path.dirname(fused_adagrad.__file__)
+    try:
+        runtime = ctypes.CDLL("libstdc++.so.6")
+    except OSError:
+        pytest.skip("no libstdc++.so.6 in this process (another C++ runtime)")
+    # std::ostream::_M_insert<unsigned long>: what formatting an index into a message runs.
+    symbol = "_ZNSo9_M_insertImEERSoT_"
+    for path in [_C.__file__, os.path.join(package, "lib", "libfused_adagrad.so")]:
+        ours = ctypes.cast(getattr(ctypes.CDLL(path), symbol), ctypes.c_void_p).value
+        assert ours == ctypes.cast(getattr(runtime, symbol), ctypes.c_void_p).value, (
+            f"{path} carries its own copy of libstdc++")
+    with pytest.raises(RuntimeError, match=r"sparse grad index 7 \(entry 0\)"):
+        p = torch.zeros(3, 2)
+        p.grad = torch.sparse_coo_tensor(torch.tensor([[7]]), torch.ones(1, 2), (3, 2),
+                                         check_invariants=False)
+        FusedAdagrad([p]).step()
+
+
 @pytest.mark.skipif(not fused_adagrad.build_info()["cuda"], reason="fused_adagrad was built without CUDA")
 def test_cuda_build_registers_every_op_and_loads_without_a_gpu():
     """A CUDA build imports, and answers build_info(), where no GPU or driver is (a login node, a
