@@ -172,7 +172,10 @@ template <typename S>
 void launch_update(const std::vector<Entry>& entries, const Hyper& hyper, cudaStream_t stream) {
   if (entries.empty()) return;
 #if FUSED_ADAGRAD_LARGE_KERNEL_ARGS
-  if (large_kernel_args(stream)) return launch_tables<S, LargeTable>(entries, hyper, stream);
+  if (large_kernel_args(stream)) {
+    load_for_capture<adagrad_kernel<S, SmallTable>>();
+    return launch_tables<S, LargeTable>(entries, hyper, stream);
+  }
 #endif
   launch_tables<S, SmallTable>(entries, hyper, stream);
 }
@@ -226,8 +229,7 @@ __global__ void __launch_bounds__(kSparseThreads) sparse_adagrad_kernel(const Sp
   if (j >= a.nnz || step_skipped(h.amp)) return;
   const int64_t row = a.sorted[j];
   if (j > 0 && a.sorted[j - 1] == row) return;
-  int64_t last = j + 1;
-  while (last < a.nnz && a.sorted[last] == row) ++last;
+  const int64_t last = run_end(a.sorted, j, a.nnz, threadIdx.x % 32, 32, 0xffffffffu);
 
   const M neg_clr = round_to<S>(static_cast<M>(device_neg_clr(h.lr, step_value(a.step), h.lr_decay)));
   const M eps = round_to<S>(static_cast<M>(h.eps));
@@ -241,8 +243,8 @@ __global__ void __launch_bounds__(kSparseThreads) sparse_adagrad_kernel(const Sp
     return u;
   };
   for (int64_t e = threadIdx.x % 32; e < a.row_len; e += 32) {
-    M g = value(j, e);
-    for (int64_t k = j + 1; k < last; ++k) g = round_to<S>(add_rn(g, value(k, e)));
+    M g = in_order_sum<kLoadsAhead, M>(j, last, [&](int64_t k) { return value(k, e); },
+                                       [](M acc, M v) { return round_to<S>(add_rn(acc, v)); });
     if (h.maximize) g = -g;
     const M sv = round_to<S>(add_rn(static_cast<M>(s[e]), round_to<S>(mul_rn(g, g))));
     const M denom = h.eps_inside_sqrt ? round_to<S>(sqrt_rn(round_to<S>(add_rn(sv, eps))))

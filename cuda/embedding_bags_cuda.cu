@@ -63,12 +63,12 @@ __device__ __forceinline__ M entry_value(const TableArgs<S>& a, int64_t k, int64
 template <typename S, typename M, bool kRoundEachAdd>
 __device__ __forceinline__ M summed_grad(const TableArgs<S>& a, int64_t first, int64_t last,
                                          int64_t i) {
-  M g = entry_value<S, M>(a, first, i);
-  for (int64_t k = first + 1; k < last; ++k) {
-    g = add_rn(g, entry_value<S, M>(a, k, i));
-    if constexpr (kRoundEachAdd) g = round_to<S>(g);
-  }
-  return g;
+  return in_order_sum<kLoadsAhead, M>(
+      first, last, [&](int64_t k) { return entry_value<S, M>(a, k, i); }, [](M acc, M v) {
+        const M sum = add_rn(acc, v);
+        if constexpr (kRoundEachAdd) return round_to<S>(sum);
+        return sum;
+      });
 }
 
 // Element-wise: the sparse step of sparse_adagrad_kernel (adagrad_cuda.cu) per element, a warp
@@ -154,8 +154,8 @@ __global__ void __launch_bounds__(kThreads) bags_step_kernel(const TableArgs<S> 
   if (j >= a.entries) return;
   const int64_t row = a.sorted[j];
   if (row >= a.rows || (j > 0 && a.sorted[j - 1] == row)) return;
-  int64_t last = j + 1;
-  while (last < a.entries && a.sorted[last] == row) ++last;
+  const unsigned group = kLanes == 32 ? 0xffffffffu : 0xffu << (threadIdx.x % 32 / kLanes * kLanes);
+  const int64_t last = run_end(a.sorted, j, a.entries, threadIdx.x % kLanes, kLanes, group);
   if constexpr (kRowWise) {
     rowwise_row<S, M>(a, j, last, h);
   } else {

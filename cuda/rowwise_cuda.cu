@@ -124,15 +124,13 @@ __global__ void __launch_bounds__(kRowThreads) rowwise_sparse_kernel(const RowAr
   if (j >= a.rows || step_skipped(h.amp)) return;
   const int64_t row = a.sorted[j];
   if (j > 0 && a.sorted[j - 1] == row) return;
-  int64_t last = j + 1;
-  while (last < a.rows && a.sorted[last] == row) ++last;
+  const int64_t last = run_end(a.sorted, j, a.rows, threadIdx.x % kRowLanes, kRowLanes,
+                               lane_group_mask());
   const int64_t n = a.row_len;
   update_row(a.param + row * n, a.sum + row, n, row_neg_clr(a, h), h, [&](int64_t e, bool first) {
-    M g = grad_element<S, M>(a.grad + a.perm[j] * n, e, first, h.amp);
-    for (int64_t k = j + 1; k < last; ++k) {
-      g = add_rn(g, grad_element<S, M>(a.grad + a.perm[k] * n, e, first, h.amp));
-    }
-    return g;
+    return in_order_sum<kLoadsAhead, M>(
+        j, last, [&](int64_t k) { return grad_element<S, M>(a.grad + a.perm[k] * n, e, first, h.amp); },
+        [](M acc, M v) { return add_rn(acc, v); });
   });
 }
 

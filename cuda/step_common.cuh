@@ -14,6 +14,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <vector>
 
@@ -50,6 +51,7 @@ struct AmpScale {
 
 template <int N>
 struct StepList {
+  static constexpr int kMax = N;
   float* step[N];
   int count;
   const float* found_inf;  // nonzero: no step is counted
@@ -122,6 +124,40 @@ __device__ __forceinline__ double step_value(const StepRef& step) {
   return step.device != nullptr ? static_cast<double>(*step.device) : step.host;
 }
 
+// Where the run of sorted[j]'s value that starts at j ends (sorted ascending, n entries): the
+// `width` lanes of a group (`mask`: theirs; `lane`: this one's index in it) test `width`
+// positions at a time, since a hot table row's run can be tens of thousands of entries long.
+__device__ __forceinline__ int64_t run_end(const int64_t* sorted, int64_t j, int64_t n, int lane,
+                                           int width, unsigned mask) {
+  const int64_t value = sorted[j];
+  const int shift = static_cast<int>(threadIdx.x % 32) / width * width;
+  for (int64_t base = j + 1;; base += width) {
+    const int64_t k = base + lane;
+    const unsigned differs = __ballot_sync(mask, k >= n || sorted[k] != value) >> shift;
+    const unsigned ours = width == 32 ? differs : differs & ((1u << width) - 1);
+    if (ours != 0) return base + __ffs(static_cast<int>(ours)) - 1;
+  }
+}
+
+// load(first), then add(acc, load(k)) for k = first + 1 .. last - 1, in that order. The adds
+// form one chain, the loads do not: issuing kAhead of them before their adds keeps as many in
+// flight, where one at a time would wait a memory latency per entry of a long run.
+template <int kAhead, typename M, typename Load, typename Add>
+__device__ __forceinline__ M in_order_sum(int64_t first, int64_t last, Load load, Add add) {
+  M acc = load(first);
+  int64_t k = first + 1;
+  for (; k + kAhead <= last; k += kAhead) {
+    M v[kAhead];
+#pragma unroll
+    for (int u = 0; u < kAhead; ++u) v[u] = load(k + u);
+#pragma unroll
+    for (int u = 0; u < kAhead; ++u) acc = add(acc, v[u]);
+  }
+  for (; k < last; ++k) acc = add(acc, load(k));
+  return acc;
+}
+constexpr int kLoadsAhead = 8;
+
 template <int N>
 __global__ void increment_steps_kernel(const StepList<N> list) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
@@ -160,6 +196,23 @@ bool large_kernel_args(cudaStream_t stream) {
 }
 #endif
 
+// With lazy loading (CUDA 12's default) a kernel's code is loaded at its first launch, which a
+// stream capture refuses ("operation not permitted when stream is capturing"). Eager steps take
+// the kernels of 32 KB arguments and captured steps those of 4 KB, which an eager warm-up would
+// then never have loaded: so eager steps load the 4 KB ones too (cudaFuncGetAttributes loads a
+// function), once per kernel and device.
+template <auto kKernel>
+void load_for_capture() {
+  static std::atomic<uint64_t> loaded{0};  // a bit per device
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  const uint64_t bit = uint64_t{1} << (device % 64);
+  if (loaded.load(std::memory_order_relaxed) & bit) return;
+  cudaFuncAttributes attributes;
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kKernel));
+  loaded.fetch_or(bit, std::memory_order_relaxed);
+}
+
 template <typename List>
 void launch_increments(const std::vector<float*>& steps, const float* found_inf,
                        cudaStream_t stream) {
@@ -179,7 +232,10 @@ void increment_device_steps(const std::vector<float*>& steps, const float* found
                             cudaStream_t stream) {
   if (steps.empty()) return;
 #if FUSED_ADAGRAD_LARGE_KERNEL_ARGS
-  if (large_kernel_args(stream)) return launch_increments<LargeStepList>(steps, found_inf, stream);
+  if (large_kernel_args(stream)) {
+    load_for_capture<increment_steps_kernel<SmallStepList::kMax>>();
+    return launch_increments<LargeStepList>(steps, found_inf, stream);
+  }
 #endif
   launch_increments<SmallStepList>(steps, found_inf, stream);
 }

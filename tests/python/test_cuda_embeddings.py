@@ -90,6 +90,33 @@ def test_rowwise_sparse_bitwise_equal_to_cpu(dtype, row_len, kw):
     assert torch.equal(s_cpu["sum"], s_cuda["sum"])
 
 
+def hot_row_grads(rows, row_len, dtype, steps):
+    """Runs of every length the kernels treat apart: the first and the last table row hit
+    hundreds of times (the last one's run ends the sorted ids), others 9, 8, 33 and once: runs
+    longer than a warp's 32-wide search and than the kernels' 8 loads in flight, and not a
+    multiple of either."""
+    gen = torch.Generator().manual_seed(3)
+    counts = {0: 301, rows - 1: 257, 5: 9, 7: 8, 11: 33, 13: 1}
+    out = []
+    for _ in range(steps):
+        ids = torch.tensor([r for r, c in counts.items() for _ in range(c)])
+        ids = ids[torch.randperm(len(ids), generator=gen)]
+        values = torch.randn(len(ids), row_len, generator=gen).to(dtype)
+        out.append(torch.sparse_coo_tensor(ids[None], values, (rows, row_len)))
+    return out
+
+
+@pytest.mark.parametrize("opt_cls", [FusedAdagrad, RowWiseAdagrad])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("row_len", [1, 13, 128])
+def test_hot_rows_bitwise_equal_to_cpu(opt_cls, dtype, row_len):
+    w = torch.randn(40, row_len).to(dtype)
+    p_cpu, s_cpu, p_cuda, s_cuda = train_both(opt_cls, w, hot_row_grads(40, row_len, dtype, 4),
+                                              lr=0.05, initial_accumulator_value=0.1)
+    assert torch.equal(p_cpu, p_cuda)
+    assert torch.equal(s_cpu["sum"], s_cuda["sum"])
+
+
 @pytest.mark.parametrize("opt_cls", [FusedAdagrad, RowWiseAdagrad])
 def test_bad_index_on_the_device_raises_and_changes_nothing(opt_cls):
     table = torch.nn.Parameter(torch.randn(50, 8, device=DEV))
