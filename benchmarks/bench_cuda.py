@@ -149,8 +149,13 @@ def run_case(shapes, dtype, iters, warmup, timer, probe):
             results[name] = {"error": str(e).splitlines()[0]}
             continue
         steppers[name] = (opt.step, extra_memory(opt), "float")
-    graph, graph_bytes = captured_step(params)
-    steppers[GRAPH] = (graph.replay, graph_bytes, "tensor (device)")
+    graph = None
+    try:
+        graph, graph_bytes = captured_step(params)
+        steppers[GRAPH] = (graph.replay, graph_bytes, "tensor (device)")
+    except RuntimeError as e:  # reported in the table; the other paths are still measured
+        results[GRAPH] = {"error": str(e).splitlines()[0]}
+        torch.cuda.synchronize()
     times = {name: [] for name in steppers}
     probe_times = []
     for turn in range(warmup + iters):
