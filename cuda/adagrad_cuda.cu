@@ -172,10 +172,7 @@ template <typename S>
 void launch_update(const std::vector<Entry>& entries, const Hyper& hyper, cudaStream_t stream) {
   if (entries.empty()) return;
 #if FUSED_ADAGRAD_LARGE_KERNEL_ARGS
-  if (large_kernel_args(stream)) {
-    load_for_capture<adagrad_kernel<S, SmallTable>>();
-    return launch_tables<S, LargeTable>(entries, hyper, stream);
-  }
+  if (large_kernel_args(stream)) return launch_tables<S, LargeTable>(entries, hyper, stream);
 #endif
   launch_tables<S, SmallTable>(entries, hyper, stream);
 }

@@ -14,7 +14,6 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <vector>
 
@@ -51,7 +50,6 @@ struct AmpScale {
 
 template <int N>
 struct StepList {
-  static constexpr int kMax = N;
   float* step[N];
   int count;
   const float* found_inf;  // nonzero: no step is counted
@@ -196,23 +194,6 @@ bool large_kernel_args(cudaStream_t stream) {
 }
 #endif
 
-// With lazy loading (CUDA 12's default) a kernel's code is loaded at its first launch, which a
-// stream capture refuses ("operation not permitted when stream is capturing"). Eager steps take
-// the kernels of 32 KB arguments and captured steps those of 4 KB, which an eager warm-up would
-// then never have loaded: so eager steps load the 4 KB ones too (cudaFuncGetAttributes loads a
-// function), once per kernel and device.
-template <auto kKernel>
-void load_for_capture() {
-  static std::atomic<uint64_t> loaded{0};  // a bit per device
-  int device = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  const uint64_t bit = uint64_t{1} << (device % 64);
-  if (loaded.load(std::memory_order_relaxed) & bit) return;
-  cudaFuncAttributes attributes;
-  C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kKernel));
-  loaded.fetch_or(bit, std::memory_order_relaxed);
-}
-
 template <typename List>
 void launch_increments(const std::vector<float*>& steps, const float* found_inf,
                        cudaStream_t stream) {
@@ -232,10 +213,7 @@ void increment_device_steps(const std::vector<float*>& steps, const float* found
                             cudaStream_t stream) {
   if (steps.empty()) return;
 #if FUSED_ADAGRAD_LARGE_KERNEL_ARGS
-  if (large_kernel_args(stream)) {
-    load_for_capture<increment_steps_kernel<SmallStepList::kMax>>();
-    return launch_increments<LargeStepList>(steps, found_inf, stream);
-  }
+  if (large_kernel_args(stream)) return launch_increments<LargeStepList>(steps, found_inf, stream);
 #endif
   launch_increments<SmallStepList>(steps, found_inf, stream);
 }

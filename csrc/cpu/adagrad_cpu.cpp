@@ -282,6 +282,12 @@ void run_plan(Variant variant, const StepPlan& plan, at::TensorList all_params,
   const at::TensorList steps = all_steps.slice(plan.begin, plan.count);
   const StepOptions& o = plan.options;
   const KernelChoice& chosen = kernel();  // may throw for a bad override: still nothing changed
+  // A group of CUDA params alone has nothing here, and its lr, found_inf and grad_scale may be
+  // device tensors, which reading below would synchronize (and a stream capture refuses).
+  if (std::none_of(plan.stepping.begin(), plan.stepping.end(),
+                   [&](size_t i) { return params[i].is_cpu(); })) {
+    return;
+  }
   if (host_found_inf(plan.scaling)) return;  // GradScaler found an inf: the step changes nothing
   const bool unscaling = plan.scaling.unscales();
   const float grad_scale = unscaling ? plan.scaling.grad_scale->item<float>() : 1.0f;

@@ -4,6 +4,8 @@
 
 #include <sstream>
 
+#include <torch/version.h>
+
 namespace fused_adagrad::testing {
 namespace {
 
@@ -215,6 +217,10 @@ TEST(AddParamGroup, NewParamsGetStateAndStep) {
 // Group options resolve as torch::optim::Adagrad's do (torch 2.13): fields left at the options'
 // constructor value inherit the optimizer's defaults, in the constructor and in add_param_group.
 TEST(AddParamGroup, GroupOptionsResolveLikeTorch) {
+#if TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR < 13
+  GTEST_SKIP() << "torch " << TORCH_VERSION << " resolves group options another way than the "
+               << "2.13 rules we follow (seen on 2.11: no inheritance of the defaults)";
+#endif
   auto leaf = [] { return torch::zeros({2}, torch::requires_grad()); };
   const std::vector<torch::Tensor> a{leaf()}, b{leaf()}, c{leaf()}, d{leaf()};
   std::vector<torch::optim::OptimizerParamGroup> ours_groups, torch_groups;

@@ -220,9 +220,9 @@ def test_bitwise_equal_to_cpu_kernel(dtype, kw):
         kw = dict(kw, weight_decay=0.0)
     params = initial_params(SHAPES + [(BIG,)], dtype)
     grads = grad_sequence(params, 20)
-    ours, opt = train(FusedAdagrad, params, grads, **kw)
+    ours, opt = train(FusedAdagrad, params, grads, **resolve(kw, DEV))
     cpu, opt_cpu = train(FusedAdagrad, [p.cpu() for p in params],
-                         [[g.cpu() for g in gs] for gs in grads], **kw)
+                         [[g.cpu() for g in gs] for gs in grads], **resolve(kw, "cpu"))
     for p, q in zip(ours, cpu):
         assert_same(p.cpu(), q)
         assert_same(opt.state[p]["sum"].cpu(), opt_cpu.state[q]["sum"])

@@ -61,7 +61,7 @@ def test_fused_sparse_step_bitwise_equal_to_cpu(dtype, row_len, kw):
     rows = 200
     w = torch.randn(rows, row_len).to(dtype)
     p_cpu, s_cpu, p_cuda, s_cuda = train_both(FusedAdagrad, w, sparse_grads(rows, row_len, dtype, 6),
-                                              lr=0.05, **kw)
+                                              **{"lr": 0.05, **kw})
     assert torch.equal(p_cpu, p_cuda)
     assert torch.equal(s_cpu["sum"], s_cuda["sum"]) and torch.equal(s_cpu["step"], s_cuda["step"])
 
@@ -73,7 +73,7 @@ def test_rowwise_dense_bitwise_equal_to_cpu(dtype, shape, kw):
     gen = torch.Generator().manual_seed(1)
     w = torch.randn(shape, generator=gen).to(dtype)
     grads = [torch.randn(shape, generator=gen).to(dtype) for _ in range(6)]
-    p_cpu, s_cpu, p_cuda, s_cuda = train_both(RowWiseAdagrad, w, grads, lr=0.05, **kw)
+    p_cpu, s_cpu, p_cuda, s_cuda = train_both(RowWiseAdagrad, w, grads, **{"lr": 0.05, **kw})
     assert torch.equal(p_cpu, p_cuda)
     assert torch.equal(s_cpu["sum"], s_cuda["sum"])
 
@@ -85,7 +85,7 @@ def test_rowwise_sparse_bitwise_equal_to_cpu(dtype, row_len, kw):
     rows = 300
     w = torch.randn(rows, row_len).to(dtype)
     p_cpu, s_cpu, p_cuda, s_cuda = train_both(RowWiseAdagrad, w, sparse_grads(rows, row_len, dtype, 6, 2),
-                                              lr=0.05, **kw)
+                                              **{"lr": 0.05, **kw})
     assert torch.equal(p_cpu, p_cuda)
     assert torch.equal(s_cpu["sum"], s_cuda["sum"])
 
