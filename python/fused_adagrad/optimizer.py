@@ -252,6 +252,7 @@ class _FusedAdagradBase(Optimizer):
         # None in a mutable list.
         params, grads, sums, steps = [], [], [], []
         sizes, lr, lr_tensor, kept = [], [], [], []
+        dtensor = _dtensor_type()  # once: per param, it was a tenth of a 1000-tensor step
         for group in self.param_groups:
             ps = group["params"]
             group_grads = [p.grad for p in ps]
@@ -265,7 +266,7 @@ class _FusedAdagradBase(Optimizer):
             if not all(states):
                 states = [s or self._init_state(p, group) for p, s in zip(ps, states)]
             group_sums = [s["sum"] for s in states]
-            if _dtensor_type() is not None and any(isinstance(p, _dtensor_type()) for p in ps):
+            if dtensor is not None and any(isinstance(p, dtensor) for p in ps):
                 ps, group_grads, group_sums = _local_shards(ps, group_grads, group_sums)
             params += ps
             grads += group_grads
