@@ -14,7 +14,8 @@ synchronized before and after (so launch overhead and any host synchronization i
 count, as a training loop pays them), after an untimed flush of the L2 cache. Medians, min-max.
 Host synchronization: each contender's step is run once more under
 torch.cuda.set_sync_debug_mode("error"), which raises on a synchronizing call torch makes; the
-table says "none seen" or the call that synchronized. Peak extra memory: torch's allocator peak
+table says "none seen" or the call that synchronized. That mode is a prototype that misses some
+calls: on the H200 it saw none in torch's own sparse step, which coalesces the grad. Peak extra memory: torch's allocator peak
 above what was allocated at the step's start. Writes <out>/cuda-sparse-<device>-<date>.md/.json.
 """
 import argparse
