@@ -33,8 +33,8 @@
 #   bash tests/gpu.sh                           # logs in build/gpu-check/
 #   GPU_CHECK_LOGS=/some/dir bash tests/gpu.sh  # or: bash tests/gpu.sh /some/dir
 #   GPU_CHECK_PRETEND=1 bash tests/gpu.sh       # dry run here, without GPU: see below
-#   TORCH_CUDA_ARCH_LIST=9.0 bash tests/gpu.sh  # kernels for this GPU alone: the build in 80 s
-#                                               # instead of about 2 min (an H200, 16 cores)
+#   TORCH_CUDA_ARCH_LIST=9.0 bash tests/gpu.sh  # kernels for this GPU alone, half the nvcc work
+#                                               # (built in 79-112 s on an H200's 16 cores)
 #
 # Logs: one folder and 8 files at most, so that a runner that returns one folder's files alone
 # gets all of it: summary.txt, build.log, pytest.log, sanitizer.log (memcheck and racecheck),
