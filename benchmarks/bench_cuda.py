@@ -25,6 +25,7 @@ import os
 import re
 import statistics
 import sys
+import time
 
 import torch
 
@@ -80,6 +81,16 @@ class Timer:
         end.record()
         return start, end
 
+    def host_ms(self, fn):
+        """Milliseconds of one call (after a flush) on the host's clock, the device synchronized
+        before and after: launches and synchronizations inside fn count."""
+        self.flush_buffer.zero_()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - start) * 1e3
+
 
 class CopyProbe:
     """Device-to-device copy of a 1 GiB float32 buffer; bandwidth counts bytes read + written."""
@@ -101,12 +112,12 @@ def make_params(shapes, dtype):
     return params
 
 
-def extra_memory(opt):
-    """Peak bytes a step allocates beyond what is allocated before it."""
+def extra_memory(step):
+    """Peak bytes step() allocates beyond what is allocated before it."""
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    opt.step()
+    step()
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated() - before
 
@@ -148,7 +159,7 @@ def run_case(shapes, dtype, iters, warmup, timer, probe):
         except RuntimeError as e:  # e.g. a torch without a fused CUDA Adagrad for this dtype
             results[name] = {"error": str(e).splitlines()[0]}
             continue
-        steppers[name] = (opt.step, extra_memory(opt), "float")
+        steppers[name] = (opt.step, extra_memory(opt.step), "float")
     graph = None
     try:
         graph, graph_bytes = captured_step(params)

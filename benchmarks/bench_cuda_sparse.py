@@ -23,7 +23,6 @@ import datetime
 import os
 import statistics
 import sys
-import time
 
 import numpy as np
 import torch
@@ -32,28 +31,12 @@ from torch import nn
 import bench_embedding_bags as bags_bench
 import bench_sparse
 import fused_adagrad
-from bench_cuda import device_slug, release
+from bench_cuda import Timer, device_slug, extra_memory, release
 from results_io import write_results
 
 CHECK_SYNCS = True  # --no-sync-check turns it off
 DISTRIBUTIONS = dict(bench_sparse.DISTRIBUTIONS)
 DISTRIBUTIONS["Zipf 262144"] = lambda rng: bench_sparse.zipf_ids(rng, 16 * 16384)
-
-
-class Flush:
-    """Untimed write of twice the L2 cache, so that every timed call starts from memory."""
-
-    def __init__(self):
-        l2_bytes = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 64 * 2**20)
-        self.buffer = torch.empty(2 * max(l2_bytes, 2**20), dtype=torch.uint8, device="cuda")
-
-    def timed_ms(self, fn):
-        self.buffer.zero_()
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        return (time.perf_counter() - start) * 1e3
 
 
 def host_syncs(fn):
@@ -73,20 +56,11 @@ def host_syncs(fn):
     return verdict
 
 
-def peak_extra_mib(fn):
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - before) / 2**20
-
-
-def timed_in_turns(steps, flush, iters, warmup):
+def timed_in_turns(steps, timer, iters, warmup):
     times = {name: [] for name in steps}
     for turn in range(warmup + iters):
         for name, fn in steps.items():
-            ms = flush.timed_ms(fn)
+            ms = timer.host_ms(fn)
             if turn >= warmup:
                 times[name].append(ms)
     return times
@@ -98,7 +72,7 @@ def summary(times, name, base):
             "speedup": statistics.median(times[base]) / t}
 
 
-def sparse_case(ids, dtype, flush, iters, warmup):
+def sparse_case(ids, dtype, timer, iters, warmup):
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows, row_len = bench_sparse.ROWS, bench_sparse.ROW_LEN
     values = torch.randn(len(ids), row_len, device="cuda", generator=gen).to(dtype)
@@ -111,29 +85,20 @@ def sparse_case(ids, dtype, flush, iters, warmup):
         optimizers[name] = make([p])
         optimizers[name].step()  # state created before timing
     steps = {name: opt.step for name, opt in optimizers.items()}
-    times = timed_in_turns(steps, flush, iters, warmup)
+    times = timed_in_turns(steps, timer, iters, warmup)
     base = "torch sparse (for-loop)"
-    out = [dict(summary(times, name, base), peak_mib=peak_extra_mib(fn), syncs=host_syncs(fn))
+    out = [dict(summary(times, name, base), peak_mib=extra_memory(fn) / 2**20, syncs=host_syncs(fn))
            for name, fn in steps.items()]
     del optimizers, steps
     release()
     return out
 
 
-def bags_case(dtype, distribution, flush, iters, warmup):
+def bags_case(dtype, distribution, timer, iters, warmup):
     torch.manual_seed(0)
     tables = [nn.EmbeddingBag(bags_bench.ROWS, bags_bench.DIM, mode="sum", sparse=True,
                               dtype=dtype, device="cuda") for _ in range(bags_bench.TABLES)]
-    params = [t.weight for t in tables]
-    U, F, E = bags_bench.Unfused, bags_bench.Fused, fused_adagrad.FusedEmbeddingBags
-    paths = {
-        "(a) EmbeddingBag + torch.optim.Adagrad": U(tables, torch.optim.Adagrad(params, lr=0.01)),
-        "(b) EmbeddingBag + FusedAdagrad": U(tables, fused_adagrad.FusedAdagrad(params, lr=0.01)),
-        "(c) EmbeddingBag + RowWiseAdagrad": U(tables, fused_adagrad.RowWiseAdagrad(params, lr=0.01)),
-        "(d) FusedEmbeddingBags, exact": F(E.from_embedding_bags(tables, lr=0.01)),
-        "(e) FusedEmbeddingBags, row-wise": F(E.from_embedding_bags(tables, optimizer="rowwise",
-                                                                   lr=0.01)),
-    }
+    paths = bags_bench.contenders(tables)
     batches = [(i.cuda(), o.cuda()) for i, o in bags_bench.make_batches(distribution, 4)]
     weighting = torch.randn(bags_bench.BATCH, bags_bench.TABLES * bags_bench.DIM, device="cuda",
                             dtype=dtype)
@@ -142,10 +107,10 @@ def bags_case(dtype, distribution, flush, iters, warmup):
     def step_of(path):
         return lambda: bags_bench.training_step(path, batches[next(turn) % 4], weighting)
     steps = {name: step_of(path) for name, path in paths.items()}
-    times = timed_in_turns(steps, flush, iters, warmup)
+    times = timed_in_turns(steps, timer, iters, warmup)
     out = [dict(summary(times, name, "(a) EmbeddingBag + torch.optim.Adagrad"),
-                peak_mib=peak_extra_mib(fn), syncs=host_syncs(fn)) for name, fn in steps.items()]
-    del paths, steps, tables, params
+                peak_mib=extra_memory(fn) / 2**20, syncs=host_syncs(fn)) for name, fn in steps.items()]
+    del paths, steps, tables
     release()
     return out
 
@@ -172,7 +137,7 @@ def main():
               "with the device synchronized before and after, L2 flushed before each call",
               "- Command: python benchmarks/bench_cuda_sparse.py"]
     print(*header, sep="\n", flush=True)
-    flush = Flush()
+    timer = Timer()
     lines = ["| case | dtype | path | ms (median) | min-max | speedup | peak extra | host sync |",
              "|---|---|---|---:|---:|---:|---:|---|"]
     cases = []
@@ -188,11 +153,11 @@ def main():
         for dist, make_ids in DISTRIBUTIONS.items():
             ids = make_ids(np.random.default_rng(0))
             add(f"sparse step, {dist} ids ({len(np.unique(ids))} rows)", dtype,
-                sparse_case(ids, dtype, flush, iters, warmup))
+                sparse_case(ids, dtype, timer, iters, warmup))
     for dtype in dtypes:
         for dist in ("Zipf(1.2)", "uniform"):
             add(f"embedding bags training step, {dist}", dtype,
-                bags_case(dtype, dist, flush, iters, warmup))
+                bags_case(dtype, dist, timer, iters, warmup))
     text = "\n".join(header) + "\n\n" + "\n".join(lines) + "\n"
     print("\n" + text)
     write_results(args.out, f"cuda-sparse-{device_slug(props.name)}-{date}",

@@ -89,11 +89,10 @@ def backward_peak(path, batch, weighting):
     return peak
 
 
-def run_case(dtype, distribution, iters, warmup=2):
-    torch.manual_seed(0)
-    bags = [nn.EmbeddingBag(ROWS, DIM, mode="sum", sparse=True, dtype=dtype) for _ in range(TABLES)]
+def contenders(bags):
+    """(a)-(e) over these tables: (a)-(c) step them, (d) and (e) step copies of them."""
     params = [b.weight for b in bags]
-    paths = {
+    return {
         "(a) EmbeddingBag + torch.optim.Adagrad": Unfused(bags, torch.optim.Adagrad(params, lr=0.01)),
         "(b) EmbeddingBag + FusedAdagrad": Unfused(bags, FusedAdagrad(params, lr=0.01)),
         "(c) EmbeddingBag + RowWiseAdagrad": Unfused(bags, RowWiseAdagrad(params, lr=0.01)),
@@ -101,6 +100,12 @@ def run_case(dtype, distribution, iters, warmup=2):
         "(e) FusedEmbeddingBags, row-wise": Fused(
             FusedEmbeddingBags.from_embedding_bags(bags, optimizer="rowwise", lr=0.01)),
     }
+
+
+def run_case(dtype, distribution, iters, warmup=2):
+    torch.manual_seed(0)
+    bags = [nn.EmbeddingBag(ROWS, DIM, mode="sum", sparse=True, dtype=dtype) for _ in range(TABLES)]
+    paths = contenders(bags)
     batches = make_batches(distribution, 4)
     weighting = torch.randn(BATCH, TABLES * DIM, generator=torch.Generator().manual_seed(1)).to(dtype)
     times = {name: [] for name in paths}
