@@ -58,3 +58,10 @@ def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.where(i < 0, sign_bit - i, i)  # monotonic in the float value
 
     return (ordered(a) - ordered(b)).abs()
+
+
+def assert_same(actual, expected):
+    """Equal values, NaN where the other has NaN (NaN bits may differ between CPU and GPU): with
+    float16's eps of 0, a g*g that underflows to 0 makes a step inf, and a later one inf - inf,
+    as torch's own step does."""
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True)

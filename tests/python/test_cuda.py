@@ -20,6 +20,7 @@ import fused_adagrad
 from fused_adagrad import FusedAdagrad
 
 from cuda_available import skip_or_fail_without_cuda
+from reference import assert_same
 from torch_support import needs_compilable_op
 
 skip_or_fail_without_cuda()
@@ -79,11 +80,6 @@ def assert_close(actual, expected, dtype):
     same = (a == b) | (a.isnan() & b.isnan())
     bad = ~same & ~((a - b).abs() <= allowed)
     assert not bad.any(), f"{int(bad.sum())} {dtype} values beyond max(5e-3 + 5e-3 |x|, 1 ulp)"
-
-
-def assert_same(actual, expected):
-    """Bitwise equal values (NaN equal to NaN: float16 sums can underflow to 0)."""
-    torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True)
 
 
 def config_id(kw):

@@ -15,6 +15,7 @@ import fused_adagrad
 from fused_adagrad import FusedAdagrad, RowWiseAdagrad
 
 from cuda_available import skip_or_fail_without_cuda
+from reference import assert_same
 
 skip_or_fail_without_cuda()
 
@@ -22,13 +23,6 @@ DEV = torch.device("cuda")
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 OPTIONS = [dict(), dict(lr_decay=0.05, maximize=True), dict(eps_inside_sqrt=True, eps=1e-3),
            dict(lr="tensor", initial_accumulator_value=0.2)]
-
-
-def assert_same(actual, expected):
-    """Equal values, NaN where the other has NaN (its bits may differ between the devices): with
-    float16's eps of 0, a g*g that underflows to 0 makes the step inf, and a later one inf - inf,
-    as torch's own does."""
-    torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True)
 
 
 def resolve(kw, device):
